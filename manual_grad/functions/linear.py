@@ -1,0 +1,56 @@
+"""Linear layer, y = x W^T + b, with its backward pass derived by hand."""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+
+class LinearFunction(Function):
+    r"""y = x W^T + b, weight stored as in ``torch.nn.Linear``.
+
+    Shapes::
+
+        x: (*, in)   W: (out, in)   b: (out,) or None   y: (*, out)
+
+    Every row of ``x`` goes through the layer on its own (batching never changes
+    the math), so with g = dL/dy of shape (*, out) and x, g flattened to 2-D rows:
+
+        dL/dx = g W                          (*, in)     one row per input row
+        dL/dW = sum_i g_i^T x_i = g^T x      (out, in)   W is in every row: summed
+        dL/db = sum_i g_i                    (out,)      b is in every row: summed
+
+    ``backward`` computes exactly these three lines, each only when
+    ``ctx.needs_input_grad`` asks for it, with differentiable torch ops on the
+    saved inputs, so it can itself be differentiated (double backward).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        rows = x.reshape(-1, W.shape[1])  # (*, in) -> (n, in): a view when possible
+        y = rows @ W.t() if b is None else torch.addmm(b, rows, W.t())
+        return y.reshape(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, W, b = inputs
+        needs_x, needs_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # dL/dx needs only W and dL/dW needs only x: keep just what will be used.
+        ctx.save_for_backward(x if needs_W else None, W if needs_x else None)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, W = ctx.saved_tensors
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ W  # (*, out) @ (out, in) -> (*, in)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # reshape, not view: g may be expanded or strided (e.g. from .sum()).
+            g_rows = g.reshape(-1, g.shape[-1])  # (n, out)
+            if ctx.needs_input_grad[1]:
+                grad_W = g_rows.t() @ x.reshape(-1, x.shape[-1])  # (out, n) @ (n, in)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g_rows.sum(0)  # (out,)
+        return grad_x, grad_W, grad_b

@@ -1,0 +1,55 @@
+"""Swapping manual_grad modules into a torch.nn model changes no number."""
+
+import pytest
+import torch
+from torch import nn
+
+import manual_grad
+
+
+def seed_network(lib, d_in=784, hidden=50, dtype=torch.float64):
+    return nn.Sequential(lib.Linear(d_in, hidden, dtype=dtype), lib.ReLU(),
+                         lib.Linear(hidden, 1, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seed_network_same_loss_and_gradients_as_torch_nn(dtype):
+    theirs = seed_network(nn, dtype=dtype)
+    ours = seed_network(manual_grad, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    X = torch.randn(256, 784, dtype=dtype)
+    Y = torch.randint(0, 10, (256,)).to(dtype)
+    l1 = manual_grad.MSELoss()(ours(X).squeeze(-1), Y)
+    l2 = nn.MSELoss()(theirs(X).squeeze(-1), Y)
+    l1.backward()
+    l2.backward()
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
+    torch.testing.assert_close(l1, l2, rtol=rtol, atol=atol)
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=rtol, atol=atol, msg=name)
+
+
+def test_sgd_steps_follow_torch_nn_step_by_step():
+    theirs = seed_network(nn, d_in=20, hidden=8)
+    ours = seed_network(manual_grad, d_in=20, hidden=8)
+    ours.load_state_dict(theirs.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ours, theirs)]
+    X, Y = torch.randn(64, 20, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    for _ in range(20):
+        losses = []
+        for model, opt, loss_fn in zip((ours, theirs), opts,
+                                       (manual_grad.MSELoss(), nn.MSELoss()), strict=True):
+            opt.zero_grad()
+            loss = loss_fn(model(X).squeeze(-1), Y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-10)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=1e-10, atol=1e-12)
+
+
+def test_modules_are_instances_of_their_torch_nn_counterparts():
+    # code that dispatches on the torch.nn type (init loops, optimiser groups) keeps working
+    assert isinstance(manual_grad.Linear(2, 2), nn.Linear)
+    assert isinstance(manual_grad.ReLU(), nn.ReLU)
+    assert isinstance(manual_grad.MSELoss(), nn.MSELoss)
