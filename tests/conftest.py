@@ -11,3 +11,34 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
     """Tolerances for comparing two float computations of the same math."""
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {
         "rtol": 1e-5, "atol": 1e-6}
+
+
+def write_idx(path, array, gz: bool = False) -> None:
+    """Write a uint8 tensor as an IDX file (the format MNIST ships in)."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.to(torch.uint8).contiguous().numpy().tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def make_mnist_dir(root, n_train: int = 96, n_test: int = 32, seed: int = 0):
+    """A tiny MNIST in torchvision's layout: root/MNIST/raw, train files gzipped."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, gz in (("train", n_train, True), ("t10k", n_test, False)):
+        labels = torch.randint(0, 10, (n,), generator=gen)
+        # brightness grows with the label, so there is something to learn
+        images = (torch.rand(n, 28, 28, generator=gen) * 25 * (labels.view(-1, 1, 1) + 1)).clamp(
+            0, 255)
+        suffix = ".gz" if gz else ""
+        write_idx(raw / f"{split}-images-idx3-ubyte{suffix}", images, gz)
+        write_idx(raw / f"{split}-labels-idx1-ubyte{suffix}", labels, gz)
+    return root
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    return make_mnist_dir(tmp_path / "data")

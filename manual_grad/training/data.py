@@ -178,8 +178,18 @@ class MNISTDataModule(L.LightningDataModule):
         return x.float() / 255.0, y
 
     def setup(self, stage: str) -> None:
-        if self.splits:
-            return
+        if "train" not in self.splits:
+            self._setup_train_val()
+        if stage in ("test", "predict") and "test" not in self.splits:
+            try:
+                self.splits["test"] = self._prepare(*self._load("test"))
+            except (FileNotFoundError, IDXError) as err:
+                raise FileNotFoundError(f"the test split is needed for '{stage}': {err}") from err
+
+    def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return (x.flatten(1) - self.mean) / self.std, y.float()
+
+    def _setup_train_val(self) -> None:
         x, y = self._load("train")
         val_size = self.hparams.val_size
         if val_size >= len(x):
@@ -187,20 +197,11 @@ class MNISTDataModule(L.LightningDataModule):
                 raise ValueError(f"data.val_size={val_size} leaves no training images "
                                  f"out of {len(x)}; choose a smaller val_size")
             val_size = len(x) // 5  # the 8x8 digits are too few for MNIST's 10,000
-        x = x.flatten(1)
-        mean, std = x[:-val_size].mean(), x[:-val_size].std()
-        self.mean, self.std = mean.item(), std.item()
-
-        def prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            return (x.flatten(1) - mean) / std, y.float()
-
-        self.splits["train"] = prepare(x[:-val_size], y[:-val_size])
-        self.splits["val"] = prepare(x[-val_size:], y[-val_size:])
-        if stage in ("test", "predict"):
-            try:
-                self.splits["test"] = prepare(*self._load("test"))
-            except (FileNotFoundError, IDXError) as err:
-                raise FileNotFoundError(f"the test split is needed for '{stage}': {err}") from err
+        train = x[:-val_size].flatten(1)
+        # one mean and one std over every training pixel, as in the seed
+        self.mean, self.std = train.mean().item(), train.std().item()
+        self.splits["train"] = self._prepare(x[:-val_size], y[:-val_size])
+        self.splits["val"] = self._prepare(x[-val_size:], y[-val_size:])
 
     def _loader(self, split: str, shuffle: bool) -> Any:
         x, y = self.splits[split]

@@ -26,15 +26,17 @@ def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise IDXError(f"{path}: cannot be read ({err}); delete it and fetch it again") from err
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{path}: {len(data)} bytes is shorter than an IDX header ({header} bytes)")
+    if len(data) < 4:
+        raise IDXError(f"{path}: {len(data)} bytes is shorter than an IDX magic number")
     zero, dtype, rank = data[0:2], data[2], data[3]
     if zero != b"\x00\x00" or dtype != UINT8 or rank != ndim:
         raise IDXError(
             f"{path}: bad magic number 0x{data[0:4].hex()}; expected 0x0000080{ndim} "
             f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
         )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IDXError(f"{path}: {len(data)} bytes is shorter than an IDX header ({header} bytes)")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + math.prod(dims)
     if len(data) != expected:

@@ -39,10 +39,13 @@ class RunReport(L.Callback):
 
     @staticmethod
     def _plot(trainer: L.Trainer) -> Path | None:
-        if trainer.logger is None or trainer.log_dir is None:
+        # logger.log_dir, not trainer.log_dir: the latter is a collective call under DDP,
+        # and this runs on rank 0 alone
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if log_dir is None:
             return None
         trainer.logger.save()
-        csv_path = Path(trainer.log_dir) / "metrics.csv"
+        csv_path = Path(log_dir) / "metrics.csv"
         if not csv_path.is_file():
             return None
         series: dict[str, list[tuple[int, float]]] = {"train_mse": [], "val_mse": []}
@@ -67,7 +70,7 @@ class RunReport(L.Callback):
                      f"({trainer.lightning_module.hparams.get('impl', '')})")
         ax.grid(alpha=0.3)
         ax.legend()
-        out = Path(trainer.log_dir) / "loss_curve.png"
+        out = Path(log_dir) / "loss_curve.png"
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return out

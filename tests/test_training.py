@@ -1,0 +1,211 @@
+"""Training the seed's network with Lightning: manual and native agree, runs resume exactly,
+the real digits are learned, and DDP equals one process over the same global batch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from manual_grad.training import MNISTDataModule, MNISTRegressor, ResidentLoader
+from manual_grad.training.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "mnist_regression.yaml"
+T10K = Path(os.environ.get("MNIST_T10K_DIR", ROOT.parent / "shared" / "data" / "mnist-t10k"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    # main(args) runs as if from the command line; pytest's own argv is not for it
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+class StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].item())
+
+
+class Crash(L.Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(data_dir, impl="manual", epochs=3, callbacks=(), ckpt_path=None, **trainer_kwargs):
+    L.seed_everything(0)
+    dm = MNISTDataModule(data_dir=str(data_dir), batch_size=16, val_size=16, download=False)
+    model = MNISTRegressor(in_features=dm.in_features, hidden=12, impl=impl)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=list(callbacks), **trainer_kwargs)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_manual_and_native_give_the_same_loss_curve(tiny_mnist):
+    curves, weights = [], []
+    for impl in ("manual", "native"):
+        rec = StepLosses()
+        _, model = fit(tiny_mnist, impl=impl, callbacks=[rec], precision=64,
+                       enable_checkpointing=False)
+        curves.append(torch.tensor(rec.losses, dtype=torch.float64))
+        weights.append(model.state_dict())
+    assert len(curves[0]) == 15  # 3 epochs x 5 batches of 16 out of 80 training images
+    assert curves[0][-1] < curves[0][0]  # it learns
+    torch.testing.assert_close(curves[0], curves[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-9)
+
+
+def test_crashed_run_resumes_at_the_right_step_with_nothing_lost(tiny_mnist, tmp_path):
+    _, reference = fit(tiny_mnist, epochs=3, enable_checkpointing=False)
+
+    def checkpoint():
+        return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_exception=True)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tiny_mnist, epochs=3, callbacks=[checkpoint(), Crash(at_step=7)])  # mid epoch 2
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 7
+    resumed_trainer, resumed = fit(tiny_mnist, epochs=3, callbacks=[checkpoint()],
+                                   ckpt_path="last")
+    assert resumed_trainer.global_step == 15
+    torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+def run_train(*args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_fit_validate_test_write_what_the_readme_says(tiny_mnist, tmp_path):
+    common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
+              "16", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false"]
+    done = run_train("fit", *common, "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "manual_grad: finished 2 epochs: val_mse=" in done.stdout
+    run = tmp_path / "runs" / "mnist_regression"
+    header = (run / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_mse", "val_mse", "val_acc", "epoch"} <= set(header)
+    assert (run / "version_0" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "version_0" / "config.yaml").is_file()
+    ckpts = {p.name for p in (run / "checkpoints").iterdir()}
+    assert "last.ckpt" in ckpts and any(n.startswith("epoch=") for n in ckpts)
+    for sub, metric in (("validate", "val_mse"), ("test", "test_mse")):
+        done = run_train(sub, *common, "--ckpt_path", "last", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert metric in done.stdout
+
+
+def test_cli_resume_with_ckpt_path_last_continues_the_previous_run(tiny_mnist, tmp_path, capsys):
+    common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
+              "16", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false"]
+    os.chdir(tmp_path)
+    try:
+        first = main(["fit", *common, "--trainer.max_epochs", "1"])
+        second = main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    finally:
+        os.chdir(ROOT)
+    assert first.trainer.global_step == 5
+    # a new logger version folder, yet the checkpoint of version_0 was found
+    assert second.trainer.logger.version == 1
+    assert second.trainer.global_step == 10
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.hiden", "3"], "hiden"),
+        (["--data.batch_size", "many"], "batch_size"),
+        (["--model.impl", "jax"], "impl"),
+        (["--config", "no_such.yaml"], "no_such.yaml"),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-choice", "missing-file"],
+)
+def test_cli_config_mistakes_end_with_a_clear_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG), *args])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_print_config_shows_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    for key in ("impl: manual", "dataset: mnist", "val_size: 10000", "fallback: digits",
+                "class_path: torch.optim.SGD"):
+        assert key in out
+
+
+def test_offline_digits_config_runs_end_to_end(tmp_path):
+    done = run_train("fit", "--config", str(ROOT / "configs" / "digits_regression.yaml"),
+                     "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "manual_grad: finished 2 epochs" in done.stdout
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process_on_the_global_batch(tiny_mnist, tmp_path):
+    common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
+              "16", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+              "--trainer.precision", "64", "--trainer.max_steps", "4"]
+    states = []
+    for name, extra in (("single", ["--data.batch_size", "16"]),
+                        ("ddp", ["--data.batch_size", "8", "--trainer.strategy", "ddp",
+                                 "--trainer.devices", "2"])):
+        (tmp_path / name).mkdir()
+        done = run_train("fit", *common, *extra, cwd=tmp_path / name, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        ckpt = tmp_path / name / "runs" / "mnist_regression" / "checkpoints" / "last.ckpt"
+        states.append(torch.load(ckpt, weights_only=False)["state_dict"])
+    torch.testing.assert_close(states[1], states[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not T10K.is_dir(), reason=f"real MNIST test set not found in {T10K}")
+def test_real_mnist_digits_are_learned(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):  # the 10,000 test digits serve as train.py's
+        shutil.copy(T10K / f"t10k-{kind}-ubyte.gz", raw / f"train-{kind}-ubyte.gz")
+    L.seed_everything(0)
+    dm = MNISTDataModule(data_dir=str(tmp_path), val_size=2000, download=False, fallback=None)
+    model = MNISTRegressor(in_features=dm.in_features)
+    trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    assert len(dm.splits["train"][0]) == 8000 and len(dm.splits["val"][0]) == 2000
+    assert trainer.callback_metrics["val_mse"] < 2.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_keeps_the_data_resident_and_matches_native(tiny_mnist):
+    losses = []
+    for impl in ("manual", "native"):
+        rec = StepLosses()
+        L.seed_everything(0)
+        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=16, val_size=16,
+                             download=False)
+        model = MNISTRegressor(in_features=784, hidden=12, impl=impl)
+        trainer = L.Trainer(max_epochs=2, accelerator="gpu", devices=1, logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False,
+                            callbacks=[rec], precision=64)
+        trainer.fit(model, dm)
+        loader = trainer.train_dataloader
+        assert isinstance(loader, ResidentLoader) and loader.x.device.type == "cuda"
+        losses.append(torch.tensor(rec.losses))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
