@@ -5,7 +5,10 @@ from typing import Any
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad.functions._signature import cache_forward_signature
 
+
+@cache_forward_signature
 class ReLUFunction(Function):
     r"""u = max(0, z), element-wise; any shape.
 

@@ -6,7 +6,10 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad.functions._signature import cache_forward_signature
 
+
+@cache_forward_signature
 class LinearFunction(Function):
     r"""y = x W^T + b, weight stored as in ``torch.nn.Linear``.
 

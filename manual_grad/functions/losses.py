@@ -5,9 +5,12 @@ from typing import Any
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad.functions._signature import cache_forward_signature
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@cache_forward_signature
 class MSELossFunction(Function):
     r"""Mean squared error, as ``torch.nn.functional.mse_loss``.
 

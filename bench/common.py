@@ -1,0 +1,70 @@
+"""Shared by the benchmarks: interleaved timing, machine description, table output."""
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 7,
+                warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, the fns taking turns so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        what = f"{cpu} CPU, {torch.get_num_threads()} threads"
+    return f"{what}; torch {torch.__version__}; {date.today().isoformat()}"
+
+
+def table(title: str, header: list[str], rows: list[list[str]], device: torch.device,
+          name: str) -> str:
+    lines = [f"### {title}", "", f"Machine: {machine(device)}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}-{device.type}.md").write_text(text)
+    return text
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def devices() -> list[torch.device]:
+    """CPU, and CUDA when present; BENCH_DEVICES=cuda (or cpu) picks one."""
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found.append(torch.device("cuda"))
+    wanted = os.environ.get("BENCH_DEVICES")
+    return [d for d in found if wanted is None or d.type in wanted.split(",")]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one prepared GPU run: the whole test suite (on that machine's torch), a train.py run on
+# the GPU, and every benchmark's CUDA rows. Everything lands in $OUT (default: bench/results).
+# Needs .whl/ (jsonargparse and its two helpers; see README "Performance") and .gpu_data/
+# (the MNIST t10k files) carried along.
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="$PWD:/tmp/site"
+export MNIST_T10K_DIR="$PWD/.gpu_data"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+} 2>&1 | tee "$OUT/gpu_machine.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/gpu_pytest.txt"
+# train.py on the GPU: the real t10k digits as train (8,000) / val (2,000), 10 epochs
+mkdir -p /tmp/run/data/MNIST/raw && cd /tmp/run
+for kind in images-idx3 labels-idx1; do
+  cp "$MNIST_T10K_DIR/t10k-$kind-ubyte.gz" "data/MNIST/raw/train-$kind-ubyte.gz"; done
+for impl in manual native; do
+  timeout 120 python3 "$OLDPWD/train.py" fit --config "$OLDPWD/configs/mnist_regression.yaml" \
+    --trainer.accelerator gpu --data.val_size 2000 --model.impl $impl \
+    --trainer.enable_progress_bar false 2>&1 | tail -2 | tee -a "$OUT/gpu_train.txt"
+done
+cd "$OLDPWD"
+export BENCH_DEVICES=cuda
+for b in seed_table train_step memory lightning_epoch; do
+  timeout 150 python3 -m bench.$b 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
+done
+cp bench/results/*-cuda.md "$OUT/" 2>/dev/null
+exit 0
