@@ -53,3 +53,42 @@ def test_modules_are_instances_of_their_torch_nn_counterparts():
     assert isinstance(manual_grad.Linear(2, 2), nn.Linear)
     assert isinstance(manual_grad.ReLU(), nn.ReLU)
     assert isinstance(manual_grad.MSELoss(), nn.MSELoss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seed_network_on_cuda_matches_torch_nn(dtype):
+    theirs = seed_network(nn, dtype=dtype).cuda()
+    ours = seed_network(manual_grad, dtype=dtype).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    X = torch.randn(512, 784, dtype=dtype, device="cuda")
+    Y = torch.randint(0, 10, (512,), device="cuda").to(dtype)
+    l1 = manual_grad.MSELoss()(ours(X).squeeze(-1), Y)
+    l2 = nn.MSELoss()(theirs(X).squeeze(-1), Y)
+    l1.backward()
+    l2.backward()
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)  # TF32 may differ
+    torch.testing.assert_close(l1, l2, rtol=rtol, atol=atol)
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_follows_torch_dtypes(dtype):
+    theirs = seed_network(nn, dtype=torch.float32).cuda()
+    ours = seed_network(manual_grad, dtype=torch.float32).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    X = torch.randn(256, 784, device="cuda")
+    Y = torch.randint(0, 10, (256,), device="cuda").float()
+    with torch.autocast("cuda", dtype=dtype):
+        out1, out2 = ours(X), theirs(X)
+        assert out1.dtype == out2.dtype == dtype
+        l1 = manual_grad.MSELoss()(out1.squeeze(-1).float(), Y)
+        l2 = nn.MSELoss()(out2.squeeze(-1).float(), Y)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l1, l2, rtol=1e-2, atol=1e-2)
+    for p1, p2 in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert p1.grad.dtype == torch.float32
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=5e-2, atol=5e-3)

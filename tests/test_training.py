@@ -85,7 +85,8 @@ def test_crashed_run_resumes_at_the_right_step_with_nothing_lost(tiny_mnist, tmp
 
 
 def run_train(*args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
