@@ -20,6 +20,10 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     return None
 
 
+def _to_float32_if_half(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _same_device(layer: str, **tensors: Tensor | None) -> None:
     named = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in named.values()}
@@ -115,6 +119,9 @@ def mse_loss(
             + hint
         )
     _same_device("mse_loss", input=input, target=target)
+    if _autocast_dtype(input) is not None:
+        # torch's autocast runs mse_loss in float32: half-precision inputs are upcast
+        input, target = _to_float32_if_half(input), _to_float32_if_half(target)
     if input.dtype != target.dtype:
         raise TypeError(
             f"mse_loss: input is {input.dtype} but target is {target.dtype}; convert "

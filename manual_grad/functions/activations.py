@@ -24,6 +24,9 @@ class ReLUFunction(Function):
     gradient passes through as in torch (NaN <= 0 is false).
     """
 
+    # torch.func.vmap batches forward and backward as written: both use only torch ops
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(z: Tensor, inplace: bool = False) -> Tensor:
         return z.clamp_min_(0.0) if inplace else z.clamp_min(0.0)

@@ -29,6 +29,9 @@ class LinearFunction(Function):
     saved inputs, so it can itself be differentiated (double backward).
     """
 
+    # torch.func.vmap batches forward and backward as written: both use only torch ops
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
         rows = x.reshape(-1, W.shape[1])  # (*, in) -> (n, in): a view when possible

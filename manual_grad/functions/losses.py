@@ -25,6 +25,9 @@ class MSELossFunction(Function):
     than saved itself, so that the backward stays differentiable (double backward).
     """
 
+    # torch.func.vmap batches forward and backward as written: both use only torch ops
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(u: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         squared = (u - y).square()

@@ -1,9 +1,18 @@
 """Training with Lightning: the seed's regressor, MNIST data, and a run report."""
 
+from manual_grad.training.checkpoint_io import CheckpointError, SafeCheckpointIO
 from manual_grad.training.data import MNISTDataModule, ResidentLoader
 from manual_grad.training.idx import IDXError, read_idx
 from manual_grad.training.regressor import MNISTRegressor
 from manual_grad.training.report import RunReport
 
-__all__ = ["MNISTDataModule", "MNISTRegressor", "ResidentLoader", "RunReport", "IDXError",
-           "read_idx"]
+__all__ = [
+    "CheckpointError",
+    "IDXError",
+    "MNISTDataModule",
+    "MNISTRegressor",
+    "ResidentLoader",
+    "RunReport",
+    "SafeCheckpointIO",
+    "read_idx",
+]

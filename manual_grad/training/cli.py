@@ -1,7 +1,10 @@
 """The LightningCLI behind train.py."""
 
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from manual_grad.training.checkpoint_io import CheckpointError, check_checkpoint
 from manual_grad.training.data import MNISTDataModule
 from manual_grad.training.regressor import MNISTRegressor
 
@@ -10,6 +13,18 @@ class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's input width follows the data actually loaded (784, or 64 offline)
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a checkpoint file's hyperparameters right after parsing; a
+        # broken or tampered file must end here with a message, not a traceback there.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                check_checkpoint(ckpt_path)
+            except CheckpointError as err:
+                parser.error(str(err))
 
 
 def main(args: list[str] | None = None) -> CLI:

@@ -38,7 +38,10 @@ class MNISTRegressor(L.LightningModule):
         optimizer: OptimizerFactory = sgd,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        # impl is not saved: it changes no parameter, so a checkpoint of either
+        # implementation loads into the other (and the command line decides which runs)
+        self.save_hyperparameters(ignore=["optimizer", "impl"])
+        self.impl = impl
         lib = manual_grad if impl == "manual" else nn
         self.net = nn.Sequential(lib.Linear(in_features, hidden), lib.ReLU(),
                                  lib.Linear(hidden, 1))

@@ -67,7 +67,7 @@ class RunReport(L.Callback):
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean squared error")
         ax.set_title(f"{trainer.lightning_module.__class__.__name__} "
-                     f"({trainer.lightning_module.hparams.get('impl', '')})")
+                     f"({getattr(trainer.lightning_module, 'impl', '')})")
         ax.grid(alpha=0.3)
         ax.legend()
         out = Path(log_dir) / "loss_curve.png"
