@@ -7,6 +7,15 @@ and get the same numbers, with every gradient computed by a formula you can read
 
 from manual_grad import functional, functions, reference
 from manual_grad.modules import Linear, MSELoss, ReLU
+from manual_grad.per_sample import per_sample_grads
 
-__all__ = ["Linear", "ReLU", "MSELoss", "functional", "functions", "reference"]
+__all__ = [
+    "Linear",
+    "ReLU",
+    "MSELoss",
+    "functional",
+    "functions",
+    "per_sample_grads",
+    "reference",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""Hostile inputs: whatever torch.nn returns, manual_grad returns too, or a clear error.
+
+Property-based (hypothesis) over shapes, dtypes and options, plus NaN/Inf, extreme
+magnitudes, channels_last and expanded tensors, and a long loop that must not leak.
+"""
+
+import gc
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import manual_grad
+
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+BATCH = st.lists(st.integers(0, 4), min_size=0, max_size=3)
+
+
+def tol(dtype):
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+
+
+def compare(ours_fn, theirs_fn, tensors, dtype, grad_out=None):
+    """Forward and every input gradient of ours_fn and theirs_fn on copies of tensors."""
+    a = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    b = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    ya, yb = ours_fn(*a), theirs_fn(*b)
+    torch.testing.assert_close(ya, yb, equal_nan=True, **tol(dtype))
+    g = torch.randn_like(ya) if grad_out is None else grad_out(ya)
+    wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+    if not wanted:
+        return
+    ga = torch.autograd.grad(ya, [a[i] for i in wanted], g, allow_unused=True)
+    gb = torch.autograd.grad(yb, [b[i] for i in wanted], g, allow_unused=True)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, equal_nan=True, **tol(dtype))
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=BATCH, d_in=st.integers(1, 6), d_out=st.integers(1, 6), bias=st.booleans(),
+       dtype=DTYPES, transpose=st.booleans())
+def test_linear_property_matches_torch(batch, d_in, d_out, bias, dtype, transpose):
+    ours = manual_grad.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    theirs = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(*batch, d_in, dtype=dtype)
+    if transpose and x.dim() >= 2:  # a non-contiguous input with the same values
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    compare(ours, theirs, [x.requires_grad_()], dtype)
+    for p1, p2 in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert (p1.grad is None) == (p2.grad is None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=4), dtype=DTYPES)
+def test_relu_property_matches_torch(shape, dtype):
+    x = torch.randn(shape, dtype=dtype)
+    x[x.abs() < 0.3] = 0.0  # exact zeros, where the choice of subgradient shows
+    compare(manual_grad.ReLU(), nn.ReLU(), [x.requires_grad_()], dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=3), dtype=DTYPES,
+       reduction=st.sampled_from(["mean", "sum", "none"]), target_grad=st.booleans())
+def test_mse_property_matches_torch(shape, dtype, reduction, target_grad):
+    u = torch.randn(shape, dtype=dtype, requires_grad=True)
+    y = torch.randn(shape, dtype=dtype, requires_grad=target_grad)
+    compare(manual_grad.MSELoss(reduction=reduction), nn.MSELoss(reduction=reduction),
+            [u, y], dtype)
+
+
+SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1e-30, 0.0, -0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_inf_and_extreme_magnitudes_propagate_like_torch(dtype):
+    x = torch.tensor(SPECIALS, dtype=dtype).repeat(3, 1)[:, :8]  # (3, 8)
+    ours = manual_grad.Linear(8, 4, dtype=dtype)
+    theirs = nn.Linear(8, 4, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    compare(ours, theirs, [x.clone().requires_grad_()], dtype)
+    compare(manual_grad.ReLU(), nn.ReLU(), [x.clone().requires_grad_()], dtype)
+    target = torch.tensor(SPECIALS[::-1], dtype=dtype).repeat(3, 1)
+    for reduction in ("mean", "sum", "none"):
+        compare(manual_grad.MSELoss(reduction=reduction), nn.MSELoss(reduction=reduction),
+                [x.clone().requires_grad_(), target.requires_grad_()], dtype)
+
+
+def test_channels_last_and_expanded_tensors_match_torch():
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    ours, theirs = manual_grad.Linear(5, 2), nn.Linear(5, 2)
+    theirs.load_state_dict(ours.state_dict())
+    compare(ours, theirs, [x.requires_grad_()], torch.float32)
+    compare(manual_grad.ReLU(), nn.ReLU(), [x.detach().requires_grad_()], torch.float32)
+    expanded = torch.randn(1, 5).expand(6, 5)  # stride 0 along the batch
+    compare(ours, theirs, [expanded.requires_grad_()], torch.float32)
+    compare(manual_grad.MSELoss(), nn.MSELoss(),
+            [torch.randn(6, 5).requires_grad_(), torch.randn(5).expand(6, 5)], torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("layer", "args", "message"),
+    [
+        (manual_grad.Linear(4, 2), (torch.randn(3, 5),), r"linear: expected input of shape"),
+        (manual_grad.Linear(4, 2), (torch.randn(3, 4, dtype=torch.float64),),
+         r"linear: input is torch.float64 but weight is torch.float32"),
+        (manual_grad.MSELoss(), (torch.randn(3, 1), torch.randn(3)), r"mse_loss: input shape"),
+        (manual_grad.MSELoss(), (torch.randn(3), torch.randn(3, dtype=torch.float64)),
+         r"mse_loss: input is torch.float32 but target is torch.float64"),
+        (manual_grad.MSELoss(), (torch.randn(3), torch.randn(3, device="meta")),
+         r"mse_loss: tensors are on different devices"),
+    ],
+    ids=["linear-shape", "linear-dtype", "mse-shape", "mse-dtype", "mse-device"],
+)
+def test_bad_inputs_name_the_layer_and_what_is_wrong(layer, args, message):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        layer(*args)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
+                    reason="needs /proc to read resident memory")
+def test_ten_thousand_steps_hold_memory_flat():
+    torch.manual_seed(0)
+    model = nn.Sequential(manual_grad.Linear(32, 16), manual_grad.ReLU(),
+                          manual_grad.Linear(16, 1))
+    loss_fn = manual_grad.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 32), torch.randn(64)
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x).squeeze(-1), y).backward()
+            opt.step()
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    steps(500)
+    tensors, rss = live_tensors(), _rss_bytes()
+    gc.disable()
+    try:  # a tensor kept on ctx makes a reference cycle per step (pytorch#25340)
+        steps(1000)
+        assert gc.collect() == 0, "each step left garbage that only the cycle collector frees"
+    finally:
+        gc.enable()
+    steps(10_000)
+    # no ctx, graph or saved tensor survives a step: the count of live tensors is unchanged
+    assert live_tensors() == tensors
+    assert _rss_bytes() - rss < 8 * 2**20  # and resident memory grows by less than 8 MiB
