@@ -8,7 +8,30 @@ error that names the layer, the shapes or dtypes involved, and the fix.
 import torch
 from torch import Tensor
 
-from manual_grad.functions import LinearFunction, MSELossFunction, ReLUFunction
+from manual_grad.functions import (
+    AvgPool2dFunction,
+    BatchNormFunction,
+    BCEWithLogitsLossFunction,
+    Conv2dFunction,
+    CrossEntropyLossFunction,
+    DropoutFunction,
+    EmbeddingFunction,
+    FlattenFunction,
+    GELUFunction,
+    HuberLossFunction,
+    L1LossFunction,
+    LayerNormFunction,
+    LeakyReLUFunction,
+    LinearFunction,
+    LogSoftmaxFunction,
+    MaxPool2dFunction,
+    MSELossFunction,
+    ReLUFunction,
+    SigmoidFunction,
+    SiLUFunction,
+    SoftmaxFunction,
+    TanhFunction,
+)
 from manual_grad.functions.losses import REDUCTIONS
 
 
@@ -22,6 +45,13 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
 
 def _to_float32_if_half(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _can_read_values(t: Tensor) -> bool:
+    """Whether t's values may be read on the host for a check: not while torch.compile
+    traces (no values exist yet) nor inside torch.func transforms (they are batched)."""
+    return not torch.compiler.is_compiling() and \
+        not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _same_device(layer: str, **tensors: Tensor | None) -> None:
@@ -128,3 +158,292 @@ def mse_loss(
             "the target, e.g. target.to(input.dtype)."
         )
     return MSELossFunction.apply(input, target, reduction)
+
+
+# ---- activations --------------------------------------------------------------------
+
+
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.leaky_relu``."""
+    if inplace and negative_slope < 0:
+        raise ValueError(
+            f"leaky_relu: inplace=True needs negative_slope >= 0 (got {negative_slope}): the "
+            "backward reads the sign from the overwritten output; use inplace=False")
+    return LeakyReLUFunction.apply(input, negative_slope, inplace)
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    """As ``torch.sigmoid``."""
+    return SigmoidFunction.apply(input)
+
+
+def tanh(input: Tensor) -> Tensor:
+    """As ``torch.tanh``."""
+    return TanhFunction.apply(input)
+
+
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.silu``; ``inplace`` writes the result into ``input``."""
+    out = SiLUFunction.apply(input)
+    return input.copy_(out) if inplace else out
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """As ``torch.nn.functional.gelu``: ``approximate`` is 'none' or 'tanh'."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GELUFunction.apply(input, approximate)
+
+
+def _softmax_dim(name: str, input: Tensor, dim: int | None) -> int:
+    if dim is None:  # torch's legacy rule, without its deprecation warning's ambiguity
+        dim = 0 if input.dim() in (0, 1, 3) else 1
+    if not -max(input.dim(), 1) <= dim < max(input.dim(), 1):
+        raise IndexError(f"{name}: dim {dim} is out of range for an input of shape "
+                         f"{tuple(input.shape)}")
+    return dim
+
+
+def softmax(input: Tensor, dim: int | None = None) -> Tensor:
+    """As ``torch.nn.functional.softmax``."""
+    return SoftmaxFunction.apply(input, _softmax_dim("softmax", input, dim))
+
+
+def log_softmax(input: Tensor, dim: int | None = None) -> Tensor:
+    """As ``torch.nn.functional.log_softmax``."""
+    return LogSoftmaxFunction.apply(input, _softmax_dim("log_softmax", input, dim))
+
+
+# ---- losses -------------------------------------------------------------------------
+
+
+def _check_loss(name: str, input: Tensor, target: Tensor, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _same_device(name, input=input, target=target)
+    if target.is_floating_point() and input.dtype != target.dtype:
+        raise TypeError(f"{name}: input is {input.dtype} but target is {target.dtype}; "
+                        "convert the target, e.g. target.to(input.dtype).")
+
+
+def _check_same_shape(name: str, input: Tensor, target: Tensor) -> None:
+    if input.shape != target.shape:
+        raise ValueError(f"{name}: input shape {tuple(input.shape)} and target shape "
+                         f"{tuple(target.shape)} differ; give the target the input's shape "
+                         "(e.g. target.view_as(input)).")
+
+
+def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """As ``torch.nn.functional.l1_loss``; shapes must match (no silent broadcast)."""
+    _check_loss("l1_loss", input, target, reduction)
+    _check_same_shape("l1_loss", input, target)
+    return L1LossFunction.apply(input, target, reduction)
+
+
+def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean",
+               delta: float = 1.0) -> Tensor:
+    """As ``torch.nn.functional.huber_loss``; shapes must match (no silent broadcast)."""
+    _check_loss("huber_loss", input, target, reduction)
+    _check_same_shape("huber_loss", input, target)
+    if delta <= 0:
+        raise ValueError(f"huber_loss: delta must be positive, got {delta}")
+    return HuberLossFunction.apply(input, target, reduction, delta)
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
+                                     weight: Tensor | None = None, reduction: str = "mean",
+                                     pos_weight: Tensor | None = None) -> Tensor:
+    """As ``torch.nn.functional.binary_cross_entropy_with_logits``."""
+    _check_loss("binary_cross_entropy_with_logits", input, target, reduction)
+    _check_same_shape("binary_cross_entropy_with_logits", input, target)
+    return BCEWithLogitsLossFunction.apply(input, target, weight, pos_weight, reduction)
+
+
+def _out_of_range(t: Tensor, n: int) -> int:
+    return int(t.max()) if int(t.max()) >= n else int(t.min())
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """As ``torch.nn.functional.cross_entropy``: logits (N, C, *) or (C,); target class
+    indices (N, *) or () of int64, or class probabilities shaped like the input."""
+    _check_loss("cross_entropy", input, target, reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got "
+                         f"{label_smoothing}")
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    if target.is_floating_point():
+        _check_same_shape("cross_entropy", input, target)
+    else:
+        expected = (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()
+        if tuple(target.shape) != tuple(expected):
+            raise ValueError(
+                f"cross_entropy: logits of shape {tuple(input.shape)} (classes on dim "
+                f"{1 if input.dim() > 1 else 0}) need class-index targets of shape "
+                f"{tuple(expected)}, got {tuple(target.shape)}")
+        kept = target[target != ignore_index] if _can_read_values(target) else None
+        if kept is not None and kept.numel() and (int(kept.min()) < 0
+                                                  or int(kept.max()) >= n_classes):
+            raise IndexError(
+                f"cross_entropy: target holds class {_out_of_range(kept, n_classes)} "
+                f"but the input has {n_classes} classes (0..{n_classes - 1})")
+    if weight is not None and weight.shape != (n_classes,):
+        raise ValueError(f"cross_entropy: weight must have shape ({n_classes},), got "
+                         f"{tuple(weight.shape)}")
+    return CrossEntropyLossFunction.apply(input, target, weight, ignore_index, reduction,
+                                          label_smoothing)
+
+
+# ---- normalisation and dropout ------------------------------------------------------
+
+
+def layer_norm(input: Tensor, normalized_shape: list[int] | tuple[int, ...],
+               weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """As ``torch.nn.functional.layer_norm``."""
+    shape = tuple(normalized_shape)
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(f"layer_norm: expected input of shape (*, {', '.join(map(str, shape))})"
+                         f" (normalized_shape), got {tuple(input.shape)}")
+    return LayerNormFunction.apply(input, len(shape), weight, bias, eps)
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """As ``torch.nn.functional.batch_norm``: in training, normalise with the batch's
+    statistics and move the running ones towards them by ``momentum``."""
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: expected input (N, C) or (N, C, *), got "
+                         f"{tuple(input.shape)}")
+    if training:
+        per_channel = input.numel() // input.shape[1]
+        if per_channel <= 1:
+            raise ValueError(f"batch_norm: training needs more than one value per channel, "
+                             f"got input of shape {tuple(input.shape)}")
+        if running_mean is not None:
+            with torch.no_grad():
+                dims = (0, *range(2, input.dim()))
+                var, mean = torch.var_mean(input, dims, correction=1)
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(var.to(running_var.dtype), momentum)
+        return BatchNormFunction.apply(input, weight, bias, None, None, eps)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps)
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True,
+            inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.dropout`` (a different random stream than torch's)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    return DropoutFunction.apply(input, p, inplace)[0]
+
+
+# ---- convolution, pooling, shape ----------------------------------------------------
+
+
+def _pair(name: str, what: str, v: int | tuple[int, ...]) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2:
+        raise ValueError(f"{name}: {what} must be an int or a pair, got {v!r}")
+    return pair  # type: ignore[return-value]
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
+           stride: int | tuple[int, int] = 1, padding: str | int | tuple[int, int] = 0,
+           dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
+    """As ``torch.nn.functional.conv2d``: input (N, C, H, W) or (C, H, W)."""
+    if input.dim() not in (3, 4):
+        raise ValueError(f"conv2d: expected input (N, C, H, W) or (C, H, W), got "
+                         f"{tuple(input.shape)}")
+    if input.dim() == 3:
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation,
+                      groups).squeeze(0)
+    if input.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"conv2d: input has {input.shape[1]} channels (shape {tuple(input.shape)}) but the "
+            f"weight {tuple(weight.shape)} with groups={groups} expects "
+            f"{weight.shape[1] * groups}")
+    stride, dilation = _pair("conv2d", "stride", stride), _pair("conv2d", "dilation", dilation)
+    kh, kw = weight.shape[2:]
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        if stride != (1, 1):
+            raise ValueError("conv2d: padding='same' needs stride 1, as in torch")
+        totals = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+        if any(t % 2 for t in totals):  # torch pads one side more; do that before the layer
+            input = torch.nn.functional.pad(
+                input, (totals[1] // 2, totals[1] - totals[1] // 2,
+                        totals[0] // 2, totals[0] - totals[0] // 2))
+            padding = (0, 0)
+        else:
+            padding = (totals[0] // 2, totals[1] // 2)
+    padding = _pair("conv2d", "padding", padding)
+    _same_device("conv2d", input=input, weight=weight, bias=bias)
+    cast = _autocast_dtype(input)
+    if cast is not None and input.is_floating_point():
+        input, weight = input.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    if input.dtype != weight.dtype:
+        raise TypeError(f"conv2d: input is {input.dtype} but weight is {weight.dtype}; "
+                        "convert one side, e.g. input.to(weight.dtype).")
+    return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+
+
+def max_pool2d(input: Tensor, kernel_size: int | tuple[int, int],
+               stride: int | tuple[int, int] | None = None, padding: int | tuple[int, int] = 0,
+               dilation: int | tuple[int, int] = 1, ceil_mode: bool = False,
+               return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """As ``torch.nn.functional.max_pool2d``."""
+    k = _pair("max_pool2d", "kernel_size", kernel_size)
+    s = k if stride is None or stride == [] else _pair("max_pool2d", "stride", stride)
+    out, indices = MaxPool2dFunction.apply(input, k, s, _pair("max_pool2d", "padding", padding),
+                                           _pair("max_pool2d", "dilation", dilation), ceil_mode)
+    return (out, indices) if return_indices else out
+
+
+def avg_pool2d(input: Tensor, kernel_size: int | tuple[int, int],
+               stride: int | tuple[int, int] | None = None, padding: int | tuple[int, int] = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Tensor:
+    """As ``torch.nn.functional.avg_pool2d``, for ``ceil_mode=False``."""
+    if ceil_mode:
+        raise NotImplementedError(
+            "avg_pool2d: ceil_mode=True is not supported by manual_grad (its partial windows "
+            "have no unfold counterpart); pad the input instead, or use torch.nn.AvgPool2d")
+    k = _pair("avg_pool2d", "kernel_size", kernel_size)
+    s = k if stride is None or stride == [] else _pair("avg_pool2d", "stride", stride)
+    return AvgPool2dFunction.apply(input, k, s, _pair("avg_pool2d", "padding", padding),
+                                   count_include_pad, divisor_override)
+
+
+def flatten(input: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:
+    """As ``torch.flatten``."""
+    return FlattenFunction.apply(input, start_dim, end_dim)
+
+
+def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
+              max_norm: float | None = None, norm_type: float = 2.0,
+              scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+    """As ``torch.nn.functional.embedding`` (dense gradients only)."""
+    if sparse:
+        raise NotImplementedError("embedding: sparse=True is not supported by manual_grad; "
+                                  "its gradient is always dense")
+    if input.is_floating_point():
+        raise TypeError(f"embedding: indices must be integers, got {input.dtype}")
+    num = weight.shape[0]
+    if _can_read_values(input) and input.numel() and (int(input.min()) < 0
+                                                      or int(input.max()) >= num):
+        bad = _out_of_range(input, num)
+        raise IndexError(f"embedding: index {bad} is out of range for {weight.shape[0]} "
+                         f"embeddings (0..{weight.shape[0] - 1})")
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    if max_norm is not None:  # torch renormalises the looked-up rows in place, as here
+        with torch.no_grad():
+            torch.embedding_renorm_(weight, input.reshape(-1), max_norm, norm_type)
+    return EmbeddingFunction.apply(input.long(), weight, padding_idx, scale_grad_by_freq)

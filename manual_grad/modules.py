@@ -46,3 +46,170 @@ class MSELoss(nn.MSELoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(input, target, reduction=self.reduction)
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """``torch.nn.LeakyReLU`` with the hand-derived backward of ``LeakyReLUFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.leaky_relu(input, self.negative_slope, self.inplace)
+
+
+class Sigmoid(nn.Sigmoid):
+    """``torch.nn.Sigmoid`` with the hand-derived backward of ``SigmoidFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.sigmoid(input)
+
+
+class Tanh(nn.Tanh):
+    """``torch.nn.Tanh`` with the hand-derived backward of ``TanhFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.tanh(input)
+
+
+class GELU(nn.GELU):
+    """``torch.nn.GELU`` (approximate 'none' or 'tanh'), backward by ``GELUFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.gelu(input, self.approximate)
+
+
+class SiLU(nn.SiLU):
+    """``torch.nn.SiLU`` with the hand-derived backward of ``SiLUFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.silu(input, self.inplace)
+
+
+class Softmax(nn.Softmax):
+    """``torch.nn.Softmax`` with the hand-derived backward of ``SoftmaxFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softmax(input, self.dim)
+
+
+class LogSoftmax(nn.LogSoftmax):
+    """``torch.nn.LogSoftmax`` with the hand-derived backward of ``LogSoftmaxFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.log_softmax(input, self.dim)
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss``: one fused log-softmax + NLL backward
+    (``CrossEntropyLossFunction``); class-index or probability targets, weight,
+    ignore_index, label_smoothing and every reduction."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                               self.label_smoothing)
+
+
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` with the backward of ``BCEWithLogitsLossFunction``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
+                                                  self.pos_weight)
+
+
+class L1Loss(nn.L1Loss):
+    """``torch.nn.L1Loss`` with the hand-derived backward of ``L1LossFunction``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.l1_loss(input, target, self.reduction)
+
+
+class HuberLoss(nn.HuberLoss):
+    """``torch.nn.HuberLoss`` with the hand-derived backward of ``HuberLossFunction``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.huber_loss(input, target, self.reduction, self.delta)
+
+
+class Dropout(nn.Dropout):
+    """``torch.nn.Dropout``; the backward keeps only a boolean mask (``DropoutFunction``).
+    Its random stream differs from torch's: the same seed drops different units."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.dropout(input, self.p, self.training, self.inplace)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with the hand-derived backward of ``LayerNormFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _BatchNormForward:
+    """torch.nn's _BatchNorm.forward, calling manual_grad's batch_norm."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            # momentum=None: a cumulative moving average of every batch so far
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if keep_running else None,
+                            self.running_var if keep_running else None, self.weight,
+                            self.bias, use_batch, factor, self.eps)
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` with the hand-derived backward of ``BatchNormFunction``."""
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` with the hand-derived backward of ``BatchNormFunction``."""
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` (stride, padding, dilation, groups, bias) with the backward of
+    ``Conv2dFunction``. A padding_mode other than 'zeros' pads with torch's own F.pad
+    first, exactly as torch.nn.Conv2d does."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            padded = nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                       mode=self.padding_mode)
+            return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation,
+                            self.groups)
+        return F.conv2d(input, self.weight, self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` with the hand-derived backward of ``MaxPool2dFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            self.ceil_mode, self.return_indices)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` (ceil_mode=False) with the backward of ``AvgPool2dFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)
+
+
+class Flatten(nn.Flatten):
+    """``torch.nn.Flatten`` with the hand-derived backward of ``FlattenFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.flatten(input, self.start_dim, self.end_dim)
+
+
+class Embedding(nn.Embedding):
+    """``torch.nn.Embedding`` (dense gradients) with the backward of ``EmbeddingFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)

@@ -1,7 +1,9 @@
 """Element-wise activations with their backward passes derived by hand."""
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd import Function
 
@@ -43,3 +45,212 @@ class ReLUFunction(Function):
         (u,) = ctx.saved_tensors
         grad_z = g.masked_fill(u <= 0, 0.0) if ctx.needs_input_grad[0] else None
         return grad_z, None
+
+
+
+@cache_forward_signature
+class LeakyReLUFunction(Function):
+    r"""u = z if z > 0 else a z, element-wise (a: negative_slope).
+
+        dL/dz = g * (1 if z > 0 else a)          (a at z == 0, as torch)
+
+    Out of place the input z is saved. In place z is overwritten, so the sign is read
+    from u instead, which is faithful only for a >= 0 (then u > 0 exactly where z > 0);
+    torch refuses a negative slope in place for the same reason.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+        u = torch.where(z > 0, z, z * negative_slope)
+        return z.copy_(u) if inplace else u
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        z, negative_slope, inplace = inputs
+        if inplace:
+            ctx.mark_dirty(z)
+        ctx.save_for_backward(output if inplace else z)
+        ctx.negative_slope = negative_slope
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (s,) = ctx.saved_tensors  # z, or u in place: positive exactly where z is
+        return torch.where(s > 0, g, g * ctx.negative_slope), None, None
+
+
+@cache_forward_signature
+class SigmoidFunction(Function):
+    r"""u = 1 / (1 + exp(-z)), element-wise.
+
+        du/dz = u (1 - u)        so   dL/dz = g * u * (1 - u)
+
+    Only the output is needed, so only the output is saved.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor | None:
+        (u,) = ctx.saved_tensors
+        return g * u * (1 - u) if ctx.needs_input_grad[0] else None
+
+
+@cache_forward_signature
+class TanhFunction(Function):
+    r"""u = tanh(z), element-wise.
+
+        du/dz = 1 - u^2          so   dL/dz = g * (1 - u^2)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        return torch.tanh(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor | None:
+        (u,) = ctx.saved_tensors
+        return g * (1 - u * u) if ctx.needs_input_grad[0] else None
+
+
+@cache_forward_signature
+class SiLUFunction(Function):
+    r"""u = z s(z) with s the sigmoid, element-wise.
+
+        du/dz = s + z s (1 - s) = s (1 + z (1 - s))     so   dL/dz = g * s * (1 + z (1 - s))
+
+    s is recomputed from the saved input in backward, rather than saved.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        return z * torch.sigmoid(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor | None:
+        if not ctx.needs_input_grad[0]:
+            return None
+        (z,) = ctx.saved_tensors
+        s = torch.sigmoid(z)
+        return g * s * (1 + z * (1 - s))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@cache_forward_signature
+class GELUFunction(Function):
+    r"""Gaussian error linear unit, element-wise.
+
+    'none':  u = z P(z), P the standard normal CDF, p its density:
+        du/dz = P(z) + z p(z)
+    'tanh':  u = z/2 (1 + t), t = tanh(k (z + c z^3)), k = sqrt(2/pi), c = 0.044715:
+        du/dz = (1 + t)/2 + z/2 (1 - t^2) k (1 + 3 c z^2)
+    and dL/dz = g * du/dz.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, approximate: str = "none") -> Tensor:
+        if approximate == "tanh":
+            t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+            return 0.5 * z * (1 + t)
+        return z * 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.approximate = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (z,) = ctx.saved_tensors
+        if ctx.approximate == "tanh":
+            t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+            dt = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+            return g * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * dt), None
+        cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
+        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+        return g * (cdf + z * pdf), None
+
+
+@cache_forward_signature
+class SoftmaxFunction(Function):
+    r"""u = exp(z) / sum_j exp(z_j), along ``dim``.
+
+    The Jacobian of one slice is diag(u) - u u^T, so for g = dL/du:
+        dL/dz = u * (g - sum_j g_j u_j)          the sum along dim, kept for broadcasting
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, dim: int) -> Tensor:
+        return torch.softmax(z, dim)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.dim = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (u,) = ctx.saved_tensors
+        return u * (g - (g * u).sum(ctx.dim, keepdim=True)), None
+
+
+@cache_forward_signature
+class LogSoftmaxFunction(Function):
+    r"""u = z - log sum_j exp(z_j), along ``dim``.
+
+    du_i/dz_k = [i == k] - softmax(z)_k, and softmax(z) = exp(u), so:
+        dL/dz = g - exp(u) * sum_j g_j           the sum along dim, kept for broadcasting
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, dim: int) -> Tensor:
+        return torch.log_softmax(z, dim)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.dim = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (u,) = ctx.saved_tensors
+        return g - torch.exp(u) * g.sum(ctx.dim, keepdim=True), None

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd import Function
 
@@ -55,3 +56,207 @@ class MSELossFunction(Function):
         grad_u = grad_d.sum_to_size(u.shape) if ctx.needs_input_grad[0] else None
         grad_y = (-grad_d).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
         return grad_u, grad_y, None
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _scale(g: Tensor, reduction: str, n: int) -> Tensor:
+    """dC/dloss_i for C = reduce(loss): g / n for 'mean', g for 'sum' and 'none'."""
+    return g / max(n, 1) if reduction == "mean" else g
+
+
+@cache_forward_signature
+class L1LossFunction(Function):
+    r"""C = reduce(|u - y|).
+
+        dC/du = sign(u - y) * g (/ n for 'mean')     0 where u == y, as torch
+        dC/dy = -dC/du
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        return _reduce((u - y).abs(), reduction)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        u, y, ctx.reduction = inputs
+        ctx.save_for_backward(u, y)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None
+        u, y = ctx.saved_tensors
+        d = u - y
+        grad_d = torch.sign(d) * _scale(g, ctx.reduction, d.numel())
+        grad_u = grad_d.sum_to_size(u.shape) if ctx.needs_input_grad[0] else None
+        grad_y = (-grad_d).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_y, None
+
+
+@cache_forward_signature
+class HuberLossFunction(Function):
+    r"""C = reduce(h(u - y)), h(d) = d^2 / 2 if |d| <= delta else delta (|d| - delta / 2).
+
+        dh/dd = d if |d| <= delta else delta sign(d)   (the clamp of d to [-delta, delta])
+        dC/du = clamp(d, -delta, delta) * g (/ n for 'mean');  dC/dy = -dC/du
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: Tensor, y: Tensor, reduction: str = "mean", delta: float = 1.0) -> Tensor:
+        d = (u - y).abs()
+        return _reduce(torch.where(d <= delta, 0.5 * d * d, delta * (d - 0.5 * delta)),
+                       reduction)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        u, y, ctx.reduction, ctx.delta = inputs
+        ctx.save_for_backward(u, y)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
+        u, y = ctx.saved_tensors
+        d = u - y
+        grad_d = d.clamp(-ctx.delta, ctx.delta) * _scale(g, ctx.reduction, d.numel())
+        grad_u = grad_d.sum_to_size(u.shape) if ctx.needs_input_grad[0] else None
+        grad_y = (-grad_d).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_y, None, None
+
+
+@cache_forward_signature
+class BCEWithLogitsLossFunction(Function):
+    r"""Binary cross-entropy on logits z with targets y, weight w, positive weight p:
+
+        l = -w [p y log s(z) + (1 - y) log(1 - s(z))],   s the sigmoid
+          = w [p y softplus(-z) + (1 - y) softplus(z)]   (the stable form computed)
+        dl/dz = w [(1 - y + p y) s(z) - p y]
+        dl/dy = w [p softplus(-z) - softplus(z)]
+    and C = reduce(l), so each gradient is scaled by g (/ n for 'mean').
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, y: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+                reduction: str = "mean") -> Tensor:
+        py = y if pos_weight is None else pos_weight * y
+        loss = py * torch.nn.functional.softplus(-z) + (1 - y) * torch.nn.functional.softplus(z)
+        if weight is not None:
+            loss = weight * loss
+        return _reduce(loss, reduction)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        z, y, weight, pos_weight, ctx.reduction = inputs
+        ctx.save_for_backward(z, y, weight, pos_weight)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        z, y, weight, pos_weight = ctx.saved_tensors
+        py = y if pos_weight is None else pos_weight * y
+        scale = _scale(g, ctx.reduction, torch.broadcast_shapes(z.shape, y.shape).numel())
+        if weight is not None:
+            scale = weight * scale
+        grad_z = grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_z = ((1 - y + py) * torch.sigmoid(z) - py) * scale
+            grad_z = grad_z.sum_to_size(z.shape)
+        if ctx.needs_input_grad[1]:
+            p = 1.0 if pos_weight is None else pos_weight
+            sp = torch.nn.functional.softplus
+            grad_y = ((p * sp(-z) - sp(z)) * scale).sum_to_size(y.shape)
+        return grad_z, grad_y, None, None, None
+
+
+@cache_forward_signature
+class CrossEntropyLossFunction(Function):
+    r"""Cross-entropy on logits z (N, C, *) or (C,), fused with its log-softmax.
+
+    With q = log_softmax(z) along the class dim, every variant is one weighted sum
+        loss_i = -sum_c a_ic q_ic,    C = sum_i loss_i / denominator (for 'mean')
+    where the coefficients a come from the target:
+        class indices t:  a_ic = w_t_i (1 - e) [c == t_i] + e w_c / C   (0 for ignored i),
+                          denominator = sum over kept i of w_t_i (torch's nll convention)
+        probabilities t:  a_ic = w_c ((1 - e) t_ic + e / C),  denominator = N (* spatial)
+    (w the class weights, 1 if absent; e the label smoothing). Since dq_ic/dz_ik =
+    [c == k] - softmax(z)_ik, one line gives the gradient of every variant:
+        dloss_i/dz_i = softmax(z_i) * sum_c a_ic - a_i
+    and, for probability targets, dloss_i/dt_ic = -w_c (1 - e) q_ic.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
+                reduction: str, label_smoothing: float) -> Tensor:
+        q = torch.log_softmax(z, 1 if z.dim() > 1 else 0)
+        a, denominator = _cross_entropy_coefficients(z, t, weight, ignore_index, label_smoothing)
+        loss = -(a * q).sum(1 if z.dim() > 1 else 0)
+        if reduction == "mean":
+            return loss.sum() / denominator
+        return loss.sum() if reduction == "sum" else loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        z, t, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing = inputs
+        ctx.save_for_backward(z, t, weight)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        z, t, weight = ctx.saved_tensors
+        dim = 1 if z.dim() > 1 else 0
+        a, denominator = _cross_entropy_coefficients(z, t, weight, ctx.ignore_index,
+                                                     ctx.label_smoothing)
+        if ctx.reduction == "none":
+            g_i = g.unsqueeze(dim)  # one g per sample, broadcast over its classes
+        else:
+            g_i = g / denominator if ctx.reduction == "mean" else g
+        grad_z = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (torch.softmax(z, dim) * a.sum(dim, keepdim=True) - a) * g_i
+        if ctx.needs_input_grad[1]:  # only probability targets are differentiable
+            w = 1.0 if weight is None else _class_view(weight, z)
+            q = torch.log_softmax(z, dim)
+            grad_t = -w * (1 - ctx.label_smoothing) * q * g_i
+        return grad_z, grad_t, None, None, None, None
+
+
+def _class_view(v: Tensor, z: Tensor) -> Tensor:
+    """A (C,) vector shaped to broadcast along z's class dimension."""
+    if z.dim() <= 1:
+        return v
+    return v.view(1, -1, *([1] * (z.dim() - 2)))
+
+
+def _cross_entropy_coefficients(z: Tensor, t: Tensor, weight: Tensor | None,
+                                ignore_index: int, e: float) -> tuple[Tensor, Tensor]:
+    """The coefficients a (shaped like z) and the 'mean' denominator, see above."""
+    dim = 1 if z.dim() > 1 else 0
+    n_classes = z.shape[dim]
+    w = None if weight is None else _class_view(weight, z)
+    if t.is_floating_point():  # class probabilities, shaped like z
+        a = (1 - e) * t + e / n_classes
+        if w is not None:
+            a = a * w
+        return a, torch.tensor(z.numel() // n_classes, dtype=z.dtype, device=z.device)
+    keep = t != ignore_index
+    safe_t = torch.where(keep, t, 0)
+    one_hot = torch.nn.functional.one_hot(safe_t, n_classes).to(z.dtype)
+    one_hot = one_hot.movedim(-1, dim) if z.dim() > 1 else one_hot
+    keep_c = keep.unsqueeze(dim).to(z.dtype) if z.dim() > 1 else keep.to(z.dtype)
+    w_t = one_hot if w is None else one_hot * w  # w_t_i at the target class
+    smooth = torch.ones_like(one_hot) if w is None else torch.ones_like(one_hot) * w
+    a = ((1 - e) * w_t + e / n_classes * smooth) * keep_c
+    return a, (w_t * keep_c).sum()

@@ -1,0 +1,91 @@
+"""Pooling layers with their backward passes derived by hand."""
+
+from typing import Any
+
+from torch import Tensor
+from torch.autograd import Function
+from torch.nn import functional as F
+
+from manual_grad.functions._signature import cache_forward_signature
+
+
+@cache_forward_signature
+class MaxPool2dFunction(Function):
+    r"""y[n, c, l] = max over window l of x[n, c, .]; the winner's flat index is kept.
+
+    Only the winner of each window moves the output, with slope 1, so the gradient is
+    routed back to it (added up when windows overlap and share a winner):
+        dL/dx[n, c, i] = sum over windows l won by i of g[n, c, l]     (a scatter-add)
+    Saved: the int64 indices, not x.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int],
+                ceil_mode: bool) -> tuple[Tensor, Tensor]:
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode,
+                            return_indices=True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.x_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _g_indices: Tensor | None) -> tuple[Tensor | None, ...]:
+        (indices,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            *lead, H, W = ctx.x_shape
+            flat = g.new_zeros(*lead, H * W)
+            grad_x = flat.scatter_add(-1, indices.flatten(-2), g.flatten(-2)).view(ctx.x_shape)
+        return grad_x, None, None, None, None, None
+
+
+@cache_forward_signature
+class AvgPool2dFunction(Function):
+    r"""y[n, c, l] = sum over window l of x[n, c, .] / d_l.
+
+    d_l is kh kw, or the count of real (non-padding) elements in window l when
+    count_include_pad is False, or divisor_override. The map is linear, so each
+    element of window l receives g / d_l, and overlapping windows add up:
+        dL/dcols[n, c, :, l] = g[n, c, l] / d_l,    dL/dx = fold(dL/dcols)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int], count_include_pad: bool,
+                divisor_override: int | None) -> Tensor:
+        return F.avg_pool2d(x, kernel_size, stride, padding, False, count_include_pad,
+                            divisor_override)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, ctx.kernel_size, ctx.stride, ctx.padding, ctx.count_include_pad, ctx.divisor = inputs
+        ctx.x_shape = x.shape
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        *lead, H, W = ctx.x_shape
+        kh, kw = ctx.kernel_size
+        geometry = {"kernel_size": ctx.kernel_size, "padding": ctx.padding, "stride": ctx.stride}
+        L = g.shape[-1] * g.shape[-2]
+        if ctx.divisor is not None:
+            divisor = float(ctx.divisor)
+        elif ctx.count_include_pad:
+            divisor = float(kh * kw)
+        else:  # real elements per window: unfold a map of ones padded with zeros
+            ones = g.new_ones(1, 1, H, W)
+            divisor = F.unfold(ones, **geometry).sum(1).view(1, 1, L)
+        per_window = g.reshape(-1, 1, L) / divisor  # (N C, 1, L)
+        d_cols = per_window.expand(-1, kh * kw, L)
+        grad_x = F.fold(d_cols, (H, W), **geometry).view(ctx.x_shape)
+        return grad_x, None, None, None, None, None

@@ -1,0 +1,278 @@
+"""Every layer of the library against its two oracles: float64 gradcheck/gradgradcheck and
+torch.nn itself (float32 and float64, non-contiguous inputs), plus state_dict interchange.
+
+Each case names a layer and options; the test ids read as sentences, e.g.
+``test_layer_matches_torch[Conv2d-stride2-pad1-groups2-float32]``.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call
+
+import manual_grad
+
+
+@dataclass
+class Case:
+    id: str
+    layer: str  # the class name, in torch.nn and in manual_grad
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    inputs: Callable[[torch.dtype], list[torch.Tensor]] = lambda d: [torch.randn(4, 6, dtype=d)]
+    grad_inputs: tuple[int, ...] = (0,)  # which inputs are differentiable
+    train: bool = True
+    gradcheck_params: bool = True
+
+    def build(self, lib, dtype):
+        module = getattr(lib, self.layer)(*self.args, **self.kwargs)
+        module = module.to(dtype)
+        return module.train(self.train)
+
+
+def away(t: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
+    """Move values off a kink at 0 by at least margin, so finite differences are exact."""
+    return t + margin * t.sign() + margin * (t == 0)
+
+
+def img(n=2, c=3, h=7, w=6):
+    return lambda d: [torch.randn(n, c, h, w, dtype=d)]
+
+
+def classes(c=5, extra=(), ignore=-100):
+    def make(d):
+        logits = torch.randn(6, c, *extra, dtype=d)
+        target = torch.randint(0, c, (6, *extra))
+        target.view(-1)[1] = ignore  # one ignored sample
+        return [logits, target]
+    return make
+
+
+def probs(c=5):
+    return lambda d: [torch.randn(6, c, dtype=d), torch.softmax(torch.randn(6, c, dtype=d), 1)]
+
+
+def pair(shape=(5, 3), pos=False):
+    def make(d):
+        target = torch.rand(shape, dtype=d) if pos else torch.randn(shape, dtype=d)
+        return [torch.randn(shape, dtype=d), target]
+    return make
+
+
+W5 = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.7])
+
+CASES = [
+    Case("LeakyReLU", "LeakyReLU", inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
+    Case("LeakyReLU-slope0.2", "LeakyReLU", (0.2,),
+         inputs=lambda d: [away(torch.randn(3, 2, 4, dtype=d))]),
+    Case("Sigmoid", "Sigmoid"),
+    Case("Tanh", "Tanh", inputs=lambda d: [torch.randn(2, 3, 4, dtype=d)]),
+    Case("GELU-none", "GELU"),
+    Case("GELU-tanh", "GELU", kwargs={"approximate": "tanh"}),
+    Case("SiLU", "SiLU", inputs=lambda d: [torch.randn(7, dtype=d)]),
+    Case("Softmax-dim1", "Softmax", (1,)),
+    Case("Softmax-dim0-3d", "Softmax", (0,), inputs=lambda d: [torch.randn(3, 2, 4, dtype=d)]),
+    Case("LogSoftmax-dim-1", "LogSoftmax", (-1,), inputs=lambda d: [torch.randn(2, 3, 4, dtype=d)]),
+    Case("CrossEntropyLoss", "CrossEntropyLoss", inputs=classes()),
+    Case("CrossEntropyLoss-sum", "CrossEntropyLoss", kwargs={"reduction": "sum"},
+         inputs=classes()),
+    Case("CrossEntropyLoss-none-spatial", "CrossEntropyLoss", kwargs={"reduction": "none"},
+         inputs=classes(extra=(2, 3))),
+    Case("CrossEntropyLoss-weight-smoothing", "CrossEntropyLoss",
+         kwargs={"weight": W5, "label_smoothing": 0.1}, inputs=classes()),
+    Case("CrossEntropyLoss-ignore3-weight-mean", "CrossEntropyLoss",
+         kwargs={"weight": W5, "ignore_index": 3}, inputs=classes(ignore=3)),
+    Case("CrossEntropyLoss-unbatched", "CrossEntropyLoss",
+         inputs=lambda d: [torch.randn(5, dtype=d), torch.tensor(2)]),
+    Case("CrossEntropyLoss-probabilities", "CrossEntropyLoss", inputs=probs(),
+         grad_inputs=(0, 1)),
+    Case("CrossEntropyLoss-probabilities-weight-smoothing-none", "CrossEntropyLoss",
+         kwargs={"weight": W5, "label_smoothing": 0.2, "reduction": "none"}, inputs=probs(),
+         grad_inputs=(0, 1)),
+    Case("BCEWithLogitsLoss", "BCEWithLogitsLoss", inputs=pair(pos=True), grad_inputs=(0, 1)),
+    Case("BCEWithLogitsLoss-weights-none", "BCEWithLogitsLoss",
+         kwargs={"weight": torch.rand(3), "pos_weight": torch.rand(3) * 3, "reduction": "none"},
+         inputs=pair(pos=True), grad_inputs=(0, 1)),
+    Case("L1Loss", "L1Loss", inputs=pair(), grad_inputs=(0, 1)),
+    Case("L1Loss-sum", "L1Loss", kwargs={"reduction": "sum"}, inputs=pair(), grad_inputs=(0,)),
+    Case("HuberLoss", "HuberLoss", inputs=pair(), grad_inputs=(0, 1)),
+    Case("HuberLoss-delta0.5-none", "HuberLoss", kwargs={"delta": 0.5, "reduction": "none"},
+         inputs=pair((2, 3, 2)), grad_inputs=(0, 1)),
+    Case("LayerNorm", "LayerNorm", (6,)),
+    Case("LayerNorm-2d-shape-no-bias", "LayerNorm", ((3, 4),), {"bias": False},
+         inputs=lambda d: [torch.randn(2, 3, 4, dtype=d)]),
+    Case("LayerNorm-no-affine", "LayerNorm", (6,), {"elementwise_affine": False}),
+    Case("BatchNorm1d-train", "BatchNorm1d", (6,)),
+    Case("BatchNorm1d-3d-momentum-None", "BatchNorm1d", (3,), {"momentum": None},
+         inputs=lambda d: [torch.randn(4, 3, 5, dtype=d)]),
+    Case("BatchNorm1d-eval", "BatchNorm1d", (6,), train=False),
+    Case("BatchNorm2d-train", "BatchNorm2d", (3,), inputs=img()),
+    Case("BatchNorm2d-eval", "BatchNorm2d", (3,), inputs=img(), train=False),
+    Case("BatchNorm2d-no-affine", "BatchNorm2d", (3,), {"affine": False}, inputs=img()),
+    Case("BatchNorm2d-no-running-stats-eval", "BatchNorm2d", (3,),
+         {"track_running_stats": False}, inputs=img(), train=False),
+    Case("Conv2d", "Conv2d", (3, 4, 3), inputs=img()),
+    Case("Conv2d-stride2-pad1-groups3", "Conv2d", (3, 6, 3), {"stride": 2, "padding": 1,
+                                                               "groups": 3}, inputs=img()),
+    Case("Conv2d-dilation2-rect-no-bias", "Conv2d", (3, 2, (2, 3)),
+         {"dilation": (2, 1), "padding": (1, 2), "bias": False}, inputs=img()),
+    Case("Conv2d-same", "Conv2d", (3, 2, 4), {"padding": "same"}, inputs=img()),
+    Case("Conv2d-reflect", "Conv2d", (3, 2, 3), {"padding": 1, "padding_mode": "reflect"},
+         inputs=img()),
+    Case("Conv2d-unbatched", "Conv2d", (3, 2, 3), inputs=lambda d: [torch.randn(3, 5, 5,
+                                                                               dtype=d)]),
+    Case("MaxPool2d", "MaxPool2d", (2,), inputs=img()),
+    Case("MaxPool2d-overlap-pad-ceil", "MaxPool2d", (3,), {"stride": 2, "padding": 1,
+                                                           "ceil_mode": True}, inputs=img()),
+    Case("MaxPool2d-dilation", "MaxPool2d", ((2, 3),), {"stride": 1, "dilation": (2, 1)},
+         inputs=img()),
+    Case("AvgPool2d", "AvgPool2d", (2,), inputs=img()),
+    Case("AvgPool2d-pad-exclude", "AvgPool2d", (3,), {"stride": 2, "padding": 1,
+                                                      "count_include_pad": False}, inputs=img()),
+    Case("AvgPool2d-divisor", "AvgPool2d", ((2, 3),), {"stride": 1, "divisor_override": 4},
+         inputs=img()),
+    Case("Flatten", "Flatten", inputs=img()),
+    Case("Flatten-1-2", "Flatten", (1, 2), inputs=img()),
+    Case("Embedding", "Embedding", (7, 4), inputs=lambda d: [torch.tensor([[1, 2, 1], [6, 0, 2]])],
+         grad_inputs=()),
+]
+# by design (torch's too) not the derivative: the padding row gets no gradient, and
+# scale_grad_by_freq divides by counts; so torch.nn is the only oracle for these
+PARITY_ONLY = [
+    Case("Embedding-padding", "Embedding", (7, 4), {"padding_idx": 2},
+         inputs=lambda d: [torch.tensor([1, 2, 2, 5])], grad_inputs=()),
+    Case("Embedding-scale-by-freq", "Embedding", (7, 4), {"scale_grad_by_freq": True},
+         inputs=lambda d: [torch.tensor([[1, 2, 1], [6, 1, 2]])], grad_inputs=()),
+]
+
+
+def paired(case: Case, dtype: torch.dtype):
+    torch.manual_seed(0)
+    theirs = case.build(nn, dtype)
+    ours = case.build(manual_grad, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def with_grads(case: Case, tensors):
+    return [t.detach().clone().requires_grad_(i in case.grad_inputs)
+            for i, t in enumerate(tensors)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_layer_gradcheck_and_gradgradcheck(case):
+    torch.manual_seed(1)
+    ours, _ = paired(case, torch.float64)
+    inputs = with_grads(case, case.inputs(torch.float64))
+    params = {k: v.detach().clone().requires_grad_() for k, v in ours.named_parameters()}
+    names = list(params)
+
+    def f(*args):
+        ps = dict(zip(names, args[: len(names)], strict=True))
+        return functional_call(ours, ps, tuple(args[len(names):]))
+
+    args = tuple(params.values()) + tuple(inputs)
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES + PARITY_ONLY, ids=lambda c: c.id)
+def test_layer_matches_torch(case, dtype):
+    torch.manual_seed(2)
+    ours, theirs = paired(case, dtype)
+    raw = case.inputs(dtype)
+    # non-contiguous copies of the same values: transposed twice back to the same shape
+    raw = [t.mT.contiguous().mT if t.dim() >= 2 and t.is_floating_point() else t for t in raw]
+    a, b = with_grads(case, raw), with_grads(case, raw)
+    ya, yb = ours(*a), theirs(*b)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(ya, yb, **tol)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    for i in case.grad_inputs:
+        torch.testing.assert_close(a[i].grad, b[i].grad, **tol, msg=f"input {i}")
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, **tol, msg=name)
+    for (name, b1), b2 in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        torch.testing.assert_close(b1, b2, **tol, msg=name)  # running statistics
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.layer in {
+    "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Embedding"}], ids=lambda c: c.id)
+def test_layer_state_dict_moves_both_ways(case):
+    for src_lib, dst_lib in ((manual_grad, nn), (nn, manual_grad)):
+        torch.manual_seed(3)
+        src = case.build(src_lib, torch.float32)
+        for p in src.parameters():
+            p.data.normal_()
+        dst = case.build(dst_lib, torch.float32)
+        dst.load_state_dict(src.state_dict())
+        assert list(dst.state_dict()) == list(src.state_dict())
+        inputs = case.inputs(torch.float32)
+        src.eval()
+        dst.eval()
+        torch.testing.assert_close(dst(*inputs), src(*inputs))
+
+
+def test_modules_mirror_their_torch_nn_counterparts():
+    for name in manual_grad.__all__:
+        cls = getattr(manual_grad, name)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            assert issubclass(cls, getattr(nn, name)), name
+
+
+def test_same_seed_gives_the_same_initial_weights():
+    for make in (lambda lib: lib.Conv2d(3, 8, 3), lambda lib: lib.BatchNorm2d(4),
+                 lambda lib: lib.LayerNorm(5), lambda lib: lib.Embedding(9, 3)):
+        torch.manual_seed(4)
+        a = make(manual_grad)
+        torch.manual_seed(4)
+        b = make(nn)
+        torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+        assert repr(a) == repr(b)
+
+
+def test_embedding_padding_row_gets_no_gradient():
+    layer = manual_grad.Embedding(5, 3, padding_idx=0)
+    layer(torch.tensor([0, 1, 0, 4])).sum().backward()
+    assert torch.equal(layer.weight.grad[0], torch.zeros(3))
+    assert torch.equal(layer.weight.grad[1], torch.ones(3))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_layer_compiles_fullgraph_like_eager(case):
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    ours, _ = paired(case, torch.float64)
+    raw = case.inputs(torch.float64)
+    a, b = with_grads(case, raw), with_grads(case, raw)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    yc = compiled(*a)
+    grads_c = torch.autograd.grad(yc.sum(), [a[i] for i in case.grad_inputs]
+                                  + list(ours.parameters()))
+    ours.load_state_dict(paired(case, torch.float64)[0].state_dict())  # undo running stats
+    ye = ours(*b)
+    grads_e = torch.autograd.grad(ye.sum(), [b[i] for i in case.grad_inputs]
+                                  + list(ours.parameters()))
+    torch.testing.assert_close(yc, ye)
+    torch.testing.assert_close(grads_c, grads_e)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not (c.layer.startswith("BatchNorm")
+                                                           and c.train)], ids=lambda c: c.id)
+def test_layer_under_vmap_matches_torch(case):
+    # BatchNorm in training updates running statistics in place, which vmap refuses for
+    # torch.nn as well (see torch.func.replace_all_batch_norm_modules_)
+    torch.manual_seed(6)
+    ours, theirs = paired(case, torch.float64)
+    stacked = [torch.stack([t, t.flip(0) if t.dim() else t]) for t in
+               case.inputs(torch.float64)]
+    # the oracle is a Python loop over torch.nn (some torch.nn losses refuse vmap)
+    expected = torch.stack([theirs(*(t[i] for t in stacked)) for i in range(2)])
+    torch.testing.assert_close(torch.func.vmap(ours)(*stacked), expected)
