@@ -157,3 +157,99 @@ def test_ten_thousand_steps_hold_memory_flat():
     # no ctx, graph or saved tensor survives a step: the count of live tensors is unchanged
     assert live_tensors() == tensors
     assert _rss_bytes() - rss < 8 * 2**20  # and resident memory grows by less than 8 MiB
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: manual_grad.CrossEntropyLoss()(torch.randn(4, 3), torch.tensor([0, 1, 3, 2])),
+         IndexError, r"cross_entropy: target holds class 3 but the input has 3 classes"),
+        (lambda: manual_grad.CrossEntropyLoss()(torch.randn(4, 3), torch.zeros(4, 1).long()),
+         ValueError, r"need class-index targets of shape \(4,\), got \(4, 1\)"),
+        (lambda: manual_grad.CrossEntropyLoss(weight=torch.ones(2))(torch.randn(4, 3),
+                                                                    torch.zeros(4).long()),
+         ValueError, r"weight must have shape \(3,\), got \(2,\)"),
+        (lambda: manual_grad.Conv2d(3, 4, 3)(torch.randn(2, 1, 8, 8)), ValueError,
+         r"conv2d: input has 1 channels \(shape \(2, 1, 8, 8\)\) but the weight"),
+        (lambda: manual_grad.Conv2d(3, 4, 3)(torch.randn(8, 8)), ValueError,
+         r"conv2d: expected input \(N, C, H, W\) or \(C, H, W\), got \(8, 8\)"),
+        (lambda: manual_grad.AvgPool2d(2, ceil_mode=True)(torch.randn(1, 1, 5, 5)),
+         NotImplementedError, r"avg_pool2d: ceil_mode=True is not supported"),
+        (lambda: manual_grad.Embedding(5, 2)(torch.tensor([1, 5])), IndexError,
+         r"embedding: index 5 is out of range for 5 embeddings"),
+        (lambda: manual_grad.Embedding(5, 2, sparse=True)(torch.tensor([1])),
+         NotImplementedError, r"embedding: sparse=True is not supported"),
+        (lambda: manual_grad.LayerNorm(4)(torch.randn(3, 5)), ValueError,
+         r"layer_norm: expected input of shape \(\*, 4\) \(normalized_shape\), got \(3, 5\)"),
+        (lambda: manual_grad.BatchNorm1d(3)(torch.randn(1, 3)), ValueError,
+         r"batch_norm: training needs more than one value per channel"),
+        (lambda: manual_grad.L1Loss()(torch.randn(3, 1), torch.randn(3)), ValueError,
+         r"l1_loss: input shape \(3, 1\) and target shape \(3,\) differ"),
+        (lambda: manual_grad.GELU("fast")(torch.randn(3)), ValueError,
+         r"gelu: approximate must be 'none' or 'tanh'"),
+        (lambda: manual_grad.Softmax(2)(torch.randn(3, 4)), IndexError,
+         r"softmax: dim 2 is out of range for an input of shape \(3, 4\)"),
+        (lambda: manual_grad.LeakyReLU(-0.1, inplace=True)(torch.randn(3)), ValueError,
+         r"leaky_relu: inplace=True needs negative_slope >= 0"),
+    ],
+    ids=["ce-class-range", "ce-target-shape", "ce-weight-shape", "conv-channels",
+         "conv-rank", "avgpool-ceil", "embedding-range", "embedding-sparse", "layernorm-shape",
+         "batchnorm-one-value", "l1-shape", "gelu-approximate", "softmax-dim",
+         "leaky-inplace-negative"],
+)
+def test_library_bad_inputs_name_the_layer_and_the_fix(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), c=st.integers(2, 6), spatial=st.lists(st.integers(1, 3),
+                                                                   max_size=2),
+       reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0, 0.3]),
+       weighted=st.booleans(), dtype=DTYPES)
+def test_cross_entropy_property_matches_torch(n, c, spatial, reduction, smoothing, weighted,
+                                              dtype):
+    logits = torch.randn(n, c, *spatial, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, c, (n, *spatial))
+    weight = torch.rand(c, dtype=dtype) + 0.1 if weighted else None
+    kwargs = {"weight": weight, "reduction": reduction, "label_smoothing": smoothing}
+    compare(manual_grad.CrossEntropyLoss(**kwargs), nn.CrossEntropyLoss(**kwargs),
+            [logits, target], dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(c_in=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.integers(1, 3),
+       stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       h=st.integers(4, 7), bias=st.booleans(), dtype=DTYPES)
+def test_conv2d_property_matches_torch(c_in, groups, k, stride, padding, dilation, h, bias,
+                                       dtype):
+    c_in, c_out = c_in * groups, 2 * groups
+    ours = manual_grad.Conv2d(c_in, c_out, k, stride, padding, dilation, groups, bias,
+                              dtype=dtype)
+    theirs = nn.Conv2d(c_in, c_out, k, stride, padding, dilation, groups, bias, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    compare(ours, theirs, [torch.randn(2, c_in, h, h + 1, dtype=dtype).requires_grad_()], dtype)
+
+
+ELEMENTWISE = ["LeakyReLU", "Sigmoid", "Tanh", "GELU", "SiLU", "Softmax", "LogSoftmax",
+               "Flatten"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(ELEMENTWISE), shape=st.lists(st.integers(1, 4), min_size=1,
+                                                           max_size=4), dtype=DTYPES)
+def test_shape_agnostic_layers_property_match_torch(name, shape, dtype):
+    args = (-1,) if name in ("Softmax", "LogSoftmax") else ()
+    if name == "Flatten" and len(shape) < 2:
+        shape = [*shape, 2]
+    x = torch.randn(shape, dtype=dtype)
+    compare(getattr(manual_grad, name)(*args), getattr(nn, name)(*args),
+            [x.requires_grad_()], dtype)
+
+
+@pytest.mark.parametrize("name", ["Sigmoid", "Tanh", "GELU", "SiLU", "LeakyReLU"])
+def test_activations_propagate_nan_inf_like_torch(name):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, 1e-30],
+                     dtype=torch.float64)
+    compare(getattr(manual_grad, name)(), getattr(nn, name)(), [x.requires_grad_()],
+            torch.float64)
