@@ -3,12 +3,20 @@
 from manual_grad.training.checkpoint_io import CheckpointError, SafeCheckpointIO
 from manual_grad.training.data import MNISTDataModule, ResidentLoader
 from manual_grad.training.idx import IDXError, read_idx
-from manual_grad.training.regressor import MNISTRegressor
+from manual_grad.training.regressor import (
+    DigitModel,
+    MNISTClassifier,
+    MNISTConvNet,
+    MNISTRegressor,
+)
 from manual_grad.training.report import RunReport
 
 __all__ = [
     "CheckpointError",
+    "DigitModel",
     "IDXError",
+    "MNISTClassifier",
+    "MNISTConvNet",
     "MNISTDataModule",
     "MNISTRegressor",
     "ResidentLoader",

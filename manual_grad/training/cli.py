@@ -6,13 +6,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from manual_grad.training.checkpoint_io import CheckpointError, check_checkpoint
 from manual_grad.training.data import MNISTDataModule
-from manual_grad.training.regressor import MNISTRegressor
+from manual_grad.training.regressor import DigitModel
 
 
 class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's input width follows the data actually loaded (784, or 64 offline)
-        parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
+        parser.link_arguments("data.in_features", "model.init_args.in_features",
+                              apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         super().parse_arguments(parser, args)
@@ -29,4 +30,5 @@ class CLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> CLI:
     """Run ``train.py`` with ``args`` (default: the command line)."""
-    return CLI(MNISTRegressor, MNISTDataModule, seed_everything_default=0, args=args)
+    return CLI(DigitModel, MNISTDataModule, subclass_mode_model=True,
+               seed_everything_default=0, args=args)

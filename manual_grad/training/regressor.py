@@ -1,5 +1,11 @@
-"""The seed's network as a LightningModule: in_features -> hidden -> ReLU -> 1, MSE."""
+"""The LightningModules train.py can run: the seed's regressor, an MLP classifier, a CNN.
 
+All three are built from manual_grad layers (``impl: manual``) or from the identical
+torch.nn layers (``impl: native``); both consume the random stream identically, so the
+same seed gives the same initial weights and the two runs can be compared step by step.
+"""
+
+import math
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -10,6 +16,7 @@ from torch import Tensor, nn
 import manual_grad
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+Impl = Literal["manual", "native"]
 
 
 def sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -17,54 +24,40 @@ def sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01)
 
 
-class MNISTRegressor(L.LightningModule):
-    """Predict a digit's value from its pixels with linear -> ReLU -> linear and MSE.
+class DigitModel(L.LightningModule):
+    """What every model here shares: the steps, the metrics and the optimiser.
 
-    Args:
-        in_features: pixels per image; train.py links it to the data (784 or 64).
-        hidden: width of the hidden layer (the seed uses 50).
-        impl: ``manual`` builds the layers from manual_grad (hand-derived
-            backward), ``native`` from torch.nn. Both consume the random stream
-            identically, so the same seed gives the same initial weights.
-        optimizer: a factory ``params -> Optimizer``; in YAML a ``class_path``
-            such as ``torch.optim.SGD`` with its ``init_args`` (lr, momentum...).
+    Subclasses set ``self.net`` and ``self.loss_fn`` and say whether they regress the
+    digit's value (metric ``mse``, the seed's task) or classify it (metric ``loss``).
     """
 
-    def __init__(
-        self,
-        in_features: int = 784,
-        hidden: int = 50,
-        impl: Literal["manual", "native"] = "manual",
-        optimizer: OptimizerFactory = sgd,
-    ) -> None:
+    metric = "loss"
+
+    def __init__(self, impl: Impl, optimizer: OptimizerFactory) -> None:
         super().__init__()
-        # impl is not saved: it changes no parameter, so a checkpoint of either
-        # implementation loads into the other (and the command line decides which runs)
-        self.save_hyperparameters(ignore=["optimizer", "impl"])
         self.impl = impl
-        lib = manual_grad if impl == "manual" else nn
-        self.net = nn.Sequential(lib.Linear(in_features, hidden), lib.ReLU(),
-                                 lib.Linear(hidden, 1))
-        self.loss_fn = lib.MSELoss()
+        self.lib = manual_grad if impl == "manual" else nn
         self.optimizer_factory = optimizer
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).squeeze(-1)  # (N, 1) -> (N,), the shape of the targets
+    def predict_digit(self, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def target(self, y: Tensor) -> Tensor:
+        return y
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = self.loss_fn(self(x), y)
-        self.log("train_mse", loss, on_step=False, on_epoch=True, prog_bar=True,
+        loss = self.loss_fn(self(x), self.target(y))
+        self.log(f"train_{self.metric}", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
         x, y = batch
-        pred = self(x)
-        self.log(f"{prefix}_mse", self.loss_fn(pred, y), prog_bar=True, batch_size=len(y),
-                 sync_dist=True)
-        # a regression on the digit's value is right when it rounds to the label
-        acc = (pred.round() == y).to(pred.dtype).mean()
+        out = self(x)
+        self.log(f"{prefix}_{self.metric}", self.loss_fn(out, self.target(y)), prog_bar=True,
+                 batch_size=len(y), sync_dist=True)
+        acc = (self.predict_digit(out) == y).to(out.dtype).mean()
         self.log(f"{prefix}_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -75,3 +68,87 @@ class MNISTRegressor(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
+
+
+class MNISTRegressor(DigitModel):
+    """Predict a digit's value from its pixels: linear -> ReLU -> linear, MSE (the seed).
+
+    Args:
+        in_features: pixels per image; train.py links it to the data (784 or 64).
+        hidden: width of the hidden layer (the seed uses 50).
+        impl: ``manual`` (hand-derived backward) or ``native`` (torch.nn).
+        optimizer: a factory ``params -> Optimizer``; in YAML a ``class_path`` such as
+            ``torch.optim.SGD`` with its ``init_args`` (lr, momentum...).
+    """
+
+    metric = "mse"
+
+    def __init__(self, in_features: int = 784, hidden: int = 50, impl: Impl = "manual",
+                 optimizer: OptimizerFactory = sgd) -> None:
+        super().__init__(impl, optimizer)
+        # impl is not saved: it changes no parameter, so a checkpoint of either
+        # implementation loads into the other (and the command line decides which runs)
+        self.save_hyperparameters(ignore=["optimizer", "impl"])
+        lib = self.lib
+        self.net = nn.Sequential(lib.Linear(in_features, hidden), lib.ReLU(),
+                                 lib.Linear(hidden, 1))
+        self.loss_fn = lib.MSELoss()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)  # (N, 1) -> (N,), the shape of the targets
+
+    def predict_digit(self, out: Tensor) -> Tensor:
+        return out.round()  # a regression on the digit's value is right when it rounds to it
+
+
+class MNISTClassifier(DigitModel):
+    """Classify a digit: linear -> ReLU -> linear to 10 logits, cross-entropy.
+
+    Args: as :class:`MNISTRegressor`, plus ``label_smoothing`` of the loss.
+    """
+
+    def __init__(self, in_features: int = 784, hidden: int = 100, impl: Impl = "manual",
+                 label_smoothing: float = 0.0, optimizer: OptimizerFactory = sgd) -> None:
+        super().__init__(impl, optimizer)
+        self.save_hyperparameters(ignore=["optimizer", "impl"])
+        lib = self.lib
+        self.net = nn.Sequential(lib.Linear(in_features, hidden), lib.ReLU(),
+                                 lib.Linear(hidden, 10))
+        self.loss_fn = lib.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def target(self, y: Tensor) -> Tensor:
+        return y.long()
+
+    def predict_digit(self, out: Tensor) -> Tensor:
+        return out.argmax(1).to(out.dtype)
+
+
+class MNISTConvNet(MNISTClassifier):
+    """A small CNN: two blocks of Conv2d(3x3) -> BatchNorm2d -> ReLU -> MaxPool2d(2),
+    then Flatten -> Linear to 10 logits, cross-entropy. Square images of in_features
+    pixels (28 x 28, or 8 x 8 offline).
+
+    Args: as :class:`MNISTClassifier`, with ``channels`` the two blocks' widths.
+    """
+
+    def __init__(self, in_features: int = 784, channels: tuple[int, int] = (8, 16),
+                 impl: Impl = "manual", label_smoothing: float = 0.0,
+                 optimizer: OptimizerFactory = sgd) -> None:
+        DigitModel.__init__(self, impl, optimizer)
+        self.save_hyperparameters(ignore=["optimizer", "impl"])
+        side = math.isqrt(in_features)
+        if side * side != in_features:
+            raise ValueError(f"MNISTConvNet needs square images, got in_features={in_features}")
+        self.side = side
+        lib, (c1, c2) = self.lib, channels
+        self.net = nn.Sequential(
+            lib.Conv2d(1, c1, 3, padding=1), lib.BatchNorm2d(c1), lib.ReLU(), lib.MaxPool2d(2),
+            lib.Conv2d(c1, c2, 3, padding=1), lib.BatchNorm2d(c2), lib.ReLU(), lib.MaxPool2d(2),
+            lib.Flatten(), lib.Linear(c2 * (side // 4) ** 2, 10))
+        self.loss_fn = lib.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.view(-1, 1, self.side, self.side))

@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 class RunReport(L.Callback):
     """Times training epochs; at the end of fit, writes ``loss_curve.png`` beside the
-    logger's ``metrics.csv`` and prints one line: final val_mse, val_acc, s/epoch."""
+    logger's ``metrics.csv`` and prints one line: the final validation loss (val_mse for
+    the regressor, val_loss for the classifiers), val_acc and seconds per epoch."""
 
     def __init__(self) -> None:
         self.epoch_seconds: list[float] = []
@@ -25,12 +26,13 @@ class RunReport(L.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metric = getattr(pl_module, "metric", "mse")
         per_epoch = (sum(self.epoch_seconds) / len(self.epoch_seconds)
                      if self.epoch_seconds else float("nan"))
-        picture = self._plot(trainer)
+        picture = self._plot(trainer, metric)
         print(
             f"manual_grad: finished {trainer.current_epoch} epochs: "
-            f"val_mse={metrics.get('val_mse', float('nan')):.4f} "
+            f"val_{metric}={metrics.get(f'val_{metric}', float('nan')):.4f} "
             f"val_acc={metrics.get('val_acc', float('nan')):.4f} "
             f"({per_epoch:.3f} s/epoch of training)"
             + (f"; loss curve: {picture}" if picture else ""),
@@ -38,7 +40,7 @@ class RunReport(L.Callback):
         )
 
     @staticmethod
-    def _plot(trainer: L.Trainer) -> Path | None:
+    def _plot(trainer: L.Trainer, metric: str) -> Path | None:
         # logger.log_dir, not trainer.log_dir: the latter is a collective call under DDP,
         # and this runs on rank 0 alone
         log_dir = getattr(trainer.logger, "log_dir", None)
@@ -48,7 +50,7 @@ class RunReport(L.Callback):
         csv_path = Path(log_dir) / "metrics.csv"
         if not csv_path.is_file():
             return None
-        series: dict[str, list[tuple[int, float]]] = {"train_mse": [], "val_mse": []}
+        series: dict[str, list[tuple[int, float]]] = {f"train_{metric}": [], f"val_{metric}": []}
         with csv_path.open() as f:
             for row in csv.DictReader(f):
                 for name, points in series.items():
@@ -65,7 +67,7 @@ class RunReport(L.Callback):
                 ax.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o",
                         label=name)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("mean squared error")
+        ax.set_ylabel("mean squared error" if metric == "mse" else "cross-entropy")
         ax.set_title(f"{trainer.lightning_module.__class__.__name__} "
                      f"({getattr(trainer.lightning_module, 'impl', '')})")
         ax.grid(alpha=0.3)
