@@ -20,14 +20,18 @@ def sync(device: torch.device) -> None:
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 7,
                 warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, the fns taking turns so drift hits all alike."""
+    """Median seconds per call of each fn. The fns take turns, and the order rotates each
+    round, so drift and the after-effects of one fn (a large allocation, a cold cache)
+    fall on every fn alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             sync(device)
             start = time.perf_counter()
             fn()

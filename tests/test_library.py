@@ -276,3 +276,21 @@ def test_layer_under_vmap_matches_torch(case):
     # the oracle is a Python loop over torch.nn (some torch.nn losses refuse vmap)
     expected = torch.stack([theirs(*(t[i] for t in stacked)) for i in range(2)])
     torch.testing.assert_close(torch.func.vmap(ours)(*stacked), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES + PARITY_ONLY, ids=lambda c: c.id)
+def test_layer_matches_torch_on_cuda(case):
+    torch.manual_seed(7)
+    ours, theirs = (m.cuda() for m in paired(case, torch.float64))
+    raw = [t.cuda() for t in case.inputs(torch.float64)]
+    a, b = with_grads(case, raw), with_grads(case, raw)
+    ya, yb = ours(*a), theirs(*b)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    for i in case.grad_inputs:
+        torch.testing.assert_close(a[i].grad, b[i].grad, msg=f"input {i}")
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
