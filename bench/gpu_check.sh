@@ -14,19 +14,19 @@ export MNIST_T10K_DIR="$PWD/.gpu_data"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 } 2>&1 | tee "$OUT/gpu_machine.txt"
-timeout 300 python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_pytest.txt"
+timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_pytest.txt"
 # train.py on the GPU: the real t10k digits as train (8,000) / val (2,000), 10 epochs
 mkdir -p /tmp/run/data/MNIST/raw && cd /tmp/run
 for kind in images-idx3 labels-idx1; do
   cp "$MNIST_T10K_DIR/t10k-$kind-ubyte.gz" "data/MNIST/raw/train-$kind-ubyte.gz"; done
-for cfg in mnist_regression mnist_cnn; do for impl in manual native; do
+for cfg in ${CONFIGS:-mnist_regression mnist_cnn}; do for impl in manual native; do
   timeout 120 python3 "$OLDPWD/train.py" fit --config "$OLDPWD/configs/$cfg.yaml" \
     --trainer.accelerator gpu --data.val_size 2000 --model.impl $impl \
-    --trainer.enable_progress_bar false 2>&1 | tail -1 | tee -a "$OUT/gpu_train.txt"
+    --trainer.enable_progress_bar false ${TRAIN_ARGS:-} 2>&1 | tail -1 | tee -a "$OUT/gpu_train.txt"
 done; done
 cd "$OLDPWD"
 export BENCH_DEVICES=cuda
-for b in seed_table train_step memory lightning_epoch; do
+for b in ${BENCHES:-seed_table train_step memory lightning_epoch}; do
   timeout 150 python3 -m bench.$b 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
 done
 cp bench/results/*-cuda.md "$OUT/" 2>/dev/null
