@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -148,10 +148,16 @@ def test_ten_thousand_steps_hold_memory_flat():
     steps(500)
     tensors, rss = live_tensors(), _rss_bytes()
     gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep what the collector finds, to look at it
     try:  # a tensor kept on ctx makes a reference cycle per step (pytorch#25340)
         steps(1000)
-        assert gc.collect() == 0, "each step left garbage that only the cycle collector frees"
+        gc.collect()
+        cyclic = [o for o in gc.garbage if torch.is_tensor(o)
+                  or isinstance(o, torch.autograd.function.BackwardCFunction)]
+        assert cyclic == [], f"{len(cyclic)} tensors or autograd contexts were in cycles"
     finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
         gc.enable()
     steps(10_000)
     # no ctx, graph or saved tensor survives a step: the count of live tensors is unchanged
@@ -223,6 +229,7 @@ def test_cross_entropy_property_matches_torch(n, c, spatial, reduction, smoothin
        h=st.integers(4, 7), bias=st.booleans(), dtype=DTYPES)
 def test_conv2d_property_matches_torch(c_in, groups, k, stride, padding, dilation, h, bias,
                                        dtype):
+    assume(dilation * (k - 1) + 1 <= h + 2 * padding)  # the kernel fits the padded image
     c_in, c_out = c_in * groups, 2 * groups
     ours = manual_grad.Conv2d(c_in, c_out, k, stride, padding, dilation, groups, bias,
                               dtype=dtype)
