@@ -43,6 +43,13 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     return None
 
 
+def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Cast as torch's autocast does: float32/16 tensors only (float64 is left alone)."""
+    if t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return t
+    return t.to(dtype)
+
+
 def _to_float32_if_half(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -88,10 +95,9 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         )
     _same_device("linear", input=input, weight=weight, bias=bias)
     cast = _autocast_dtype(input)
-    if cast is not None and input.is_floating_point():
-        # Mirror torch's autocast policy for linear: run it in the autocast dtype.
-        input, weight = input.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
+    if cast is not None:  # mirror torch's autocast policy for linear: the autocast dtype
+        input, weight, bias = _autocast(input, cast), _autocast(weight, cast), \
+            _autocast(bias, cast)
     dtypes = {t.dtype for t in (input, weight, bias) if t is not None}
     if len(dtypes) > 1:
         raise TypeError(
@@ -385,9 +391,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     padding = _pair("conv2d", "padding", padding)
     _same_device("conv2d", input=input, weight=weight, bias=bias)
     cast = _autocast_dtype(input)
-    if cast is not None and input.is_floating_point():
-        input, weight = input.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
+    if cast is not None:
+        input, weight, bias = _autocast(input, cast), _autocast(weight, cast), \
+            _autocast(bias, cast)
     if input.dtype != weight.dtype:
         raise TypeError(f"conv2d: input is {input.dtype} but weight is {weight.dtype}; "
                         "convert one side, e.g. input.to(weight.dtype).")

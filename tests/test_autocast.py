@@ -77,3 +77,17 @@ def test_lightning_bf16_mixed_manual_equals_native(tiny_mnist):
         trainer.fit(model, dm)
         results.append(model.state_dict())
     torch.testing.assert_close(results[0], results[1], rtol=1e-2, atol=1e-3)
+
+
+def test_float64_layers_are_left_alone_by_autocast_as_in_torch():
+    ours = manual_grad.Conv2d(2, 3, 3, dtype=torch.float64)
+    theirs = nn.Conv2d(2, 3, 3, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    lin = manual_grad.Linear(4, 2, dtype=torch.float64)
+    lin_ref = nn.Linear(4, 2, dtype=torch.float64)
+    lin_ref.load_state_dict(lin.state_dict())
+    x, v = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).dtype == theirs(x).dtype == torch.float64
+        assert lin(v).dtype == lin_ref(v).dtype == torch.float64
+        torch.testing.assert_close(lin(v), lin_ref(v))
