@@ -54,6 +54,13 @@ def _to_float32_if_half(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _loss_inputs(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """torch's autocast runs every loss here in float32: half-precision inputs are upcast."""
+    if _autocast_dtype(input) is None:
+        return input, target
+    return _to_float32_if_half(input), _to_float32_if_half(target)
+
+
 def _can_read_values(t: Tensor) -> bool:
     """Whether t's values may be read on the host for a check: not while torch.compile
     traces (no values exist yet) nor inside torch.func transforms (they are batched)."""
@@ -155,9 +162,7 @@ def mse_loss(
             + hint
         )
     _same_device("mse_loss", input=input, target=target)
-    if _autocast_dtype(input) is not None:
-        # torch's autocast runs mse_loss in float32: half-precision inputs are upcast
-        input, target = _to_float32_if_half(input), _to_float32_if_half(target)
+    input, target = _loss_inputs(input, target)
     if input.dtype != target.dtype:
         raise TypeError(
             f"mse_loss: input is {input.dtype} but target is {target.dtype}; convert "
@@ -224,6 +229,7 @@ def log_softmax(input: Tensor, dim: int | None = None) -> Tensor:
 
 
 def _check_loss(name: str, input: Tensor, target: Tensor, reduction: str) -> None:
+    """Call on the inputs as _loss_inputs returned them."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _same_device(name, input=input, target=target)
@@ -241,6 +247,7 @@ def _check_same_shape(name: str, input: Tensor, target: Tensor) -> None:
 
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """As ``torch.nn.functional.l1_loss``; shapes must match (no silent broadcast)."""
+    input, target = _loss_inputs(input, target)
     _check_loss("l1_loss", input, target, reduction)
     _check_same_shape("l1_loss", input, target)
     return L1LossFunction.apply(input, target, reduction)
@@ -249,6 +256,7 @@ def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean",
                delta: float = 1.0) -> Tensor:
     """As ``torch.nn.functional.huber_loss``; shapes must match (no silent broadcast)."""
+    input, target = _loss_inputs(input, target)
     _check_loss("huber_loss", input, target, reduction)
     _check_same_shape("huber_loss", input, target)
     if delta <= 0:
@@ -260,6 +268,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                                      weight: Tensor | None = None, reduction: str = "mean",
                                      pos_weight: Tensor | None = None) -> Tensor:
     """As ``torch.nn.functional.binary_cross_entropy_with_logits``."""
+    input, target = _loss_inputs(input, target)
     _check_loss("binary_cross_entropy_with_logits", input, target, reduction)
     _check_same_shape("binary_cross_entropy_with_logits", input, target)
     return BCEWithLogitsLossFunction.apply(input, target, weight, pos_weight, reduction)
@@ -274,6 +283,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                   label_smoothing: float = 0.0) -> Tensor:
     """As ``torch.nn.functional.cross_entropy``: logits (N, C, *) or (C,); target class
     indices (N, *) or () of int64, or class probabilities shaped like the input."""
+    input, target = _loss_inputs(input, target)
     _check_loss("cross_entropy", input, target, reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got "

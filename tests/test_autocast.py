@@ -91,3 +91,20 @@ def test_float64_layers_are_left_alone_by_autocast_as_in_torch():
         assert ours(x).dtype == theirs(x).dtype == torch.float64
         assert lin(v).dtype == lin_ref(v).dtype == torch.float64
         torch.testing.assert_close(lin(v), lin_ref(v))
+
+
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "L1Loss", "HuberLoss", "MSELoss",
+                                  "BCEWithLogitsLoss"])
+def test_losses_run_in_float32_under_autocast_as_in_torch(name):
+    logits = torch.randn(4, 5, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 5, (4,)) if name == "CrossEntropyLoss" else torch.rand(4, 5)
+    ref_logits = logits.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = getattr(manual_grad, name)()(logits, target)
+        theirs = getattr(nn, name)()(ref_logits, target)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
