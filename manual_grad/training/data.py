@@ -109,7 +109,6 @@ class MNISTDataModule(L.LightningDataModule):
         if val_size < 1:
             raise ValueError(f"data.val_size must be >= 1, got {val_size}")
         self.save_hyperparameters()
-        self.requested = dataset
         self.source = self._resolve_source(dataset, Path(data_dir), fallback, download)
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
