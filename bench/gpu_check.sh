@@ -14,9 +14,9 @@ export MNIST_T10K_DIR="$PWD/.gpu_data"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 } 2>&1 | tee "$OUT/gpu_machine.txt"
-# the whole log goes to $OUT (a cut-off run still shows which tests failed, with -rf)
-timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -rf -n 8 -p no:cacheprovider -p no:benchmark \
-  tests > "$OUT/gpu_pytest.txt" 2>&1; grep -E "^FAILED|passed|failed" "$OUT/gpu_pytest.txt"
+# the whole log goes to $OUT; -v names each test as it ends, so a cut-off run still shows failures
+timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -v -rf -n 8 -p no:cacheprovider -p no:benchmark \
+  tests > "$OUT/gpu_pytest.txt" 2>&1; grep -E "FAILED|passed|failed" "$OUT/gpu_pytest.txt" | tail -30
 # train.py on the GPU: the real t10k digits as train (8,000) / val (2,000), 10 epochs
 mkdir -p /tmp/run/data/MNIST/raw && cd /tmp/run
 for kind in images-idx3 labels-idx1; do
