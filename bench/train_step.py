@@ -20,8 +20,13 @@ N_EPOCH = 60_000
 
 def build(lib, device):
     torch.manual_seed(0)
-    model = nn.Sequential(lib.Linear(784, 50), lib.ReLU(), lib.Linear(50, 1)).to(device)
-    return model, lib.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01)
+    if lib == "fused":
+        model, loss_fn = manual_grad.FusedMLP(784, 50, 1), manual_grad.MSELoss()
+    else:
+        model = nn.Sequential(lib.Linear(784, 50), lib.ReLU(), lib.Linear(50, 1))
+        loss_fn = lib.MSELoss()
+    model = model.to(device)
+    return model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
 def epoch_fn(lib, X, Y, batch):
@@ -42,7 +47,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096])
     args = parser.parse_args()
-    impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad}
+    impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad,
+             "manual_grad FusedMLP": "fused"}
     for device in devices():
         X = torch.randn(N_EPOCH, 784, device=device)
         Y = torch.randint(0, 10, (N_EPOCH,), device=device).float()

@@ -14,7 +14,13 @@ COUNTERPARTS: dict[type[nn.Module], type[nn.Module]] = {
     cls.__bases__[-1]: cls
     for cls in vars(modules).values()
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == modules.__name__
-    and not cls.__name__.startswith("_")
+    and not cls.__name__.startswith(("_", "Fused"))
+}
+
+# a Sequential of exactly these layers (torch.nn's or manual_grad's) becomes a fused block
+FUSABLE: dict[tuple[type[nn.Module], ...], type[nn.Module]] = {
+    (nn.Linear, nn.ReLU, nn.Linear): modules.FusedMLP,
+    (nn.Linear, nn.ReLU): modules.FusedLinearReLU,
 }
 
 # options the manual layer refuses: such a layer is kept, and the report says why
@@ -41,7 +47,15 @@ class Conversion(NamedTuple):
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, inplace: bool = False) -> Conversion:
+def _fused_class(module: nn.Module) -> type[nn.Module] | None:
+    if type(module) is not nn.Sequential:
+        return None
+    # a child counts as its torch.nn type, whether it is torch's or manual_grad's
+    as_torch = {manual: torch_type for torch_type, manual in COUNTERPARTS.items()}
+    return FUSABLE.get(tuple(as_torch.get(type(m), type(m)) for m in module))
+
+
+def convert(model: nn.Module, inplace: bool = False, fuse: bool = False) -> Conversion:
     """Replace every supported torch.nn layer in ``model`` (nested ones too).
 
     Each replaced layer keeps its very parameters and buffers (and hooks): only its
@@ -53,8 +67,17 @@ def convert(model: nn.Module, inplace: bool = False) -> Conversion:
     if not inplace:
         model = copy.deepcopy(model)
     replaced, kept = {}, {}
+    fused: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(f"{f}.") or f == "" for f in fused):
+            continue  # inside a fused block: its children are no longer called
         kind = type(module)
+        block = _fused_class(module) if fuse else None
+        if block is not None:
+            replaced[name] = f"Sequential({', '.join(type(m).__name__ for m in module)})"
+            module.__class__ = block
+            fused.append(name)
+            continue
         if kind in COUNTERPARTS:
             reason = UNSUPPORTED.get(kind, lambda m: None)(module)
             if reason is None:

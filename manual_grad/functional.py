@@ -23,8 +23,10 @@ from manual_grad.functions import (
     LayerNormFunction,
     LeakyReLUFunction,
     LinearFunction,
+    LinearReLUFunction,
     LogSoftmaxFunction,
     MaxPool2dFunction,
+    MLPFunction,
     MSELossFunction,
     ReLUFunction,
     SigmoidFunction,
@@ -79,28 +81,26 @@ def _same_device(layer: str, **tensors: Tensor | None) -> None:
         )
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = input @ weight^T + bias, as ``torch.nn.functional.linear``.
-
-    input: (*, in_features), weight: (out_features, in_features), bias: (out_features,).
-    """
+def _linear_args(layer: str, input: Tensor, weight: Tensor,
+                 bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check a linear layer's arguments; under autocast, cast them as torch would."""
     if weight.dim() != 2:
         raise ValueError(
-            f"linear: weight must be 2-D (out_features, in_features), got shape "
+            f"{layer}: weight must be 2-D (out_features, in_features), got shape "
             f"{tuple(weight.shape)}"
         )
     out_features, in_features = weight.shape
     if input.dim() == 0 or input.shape[-1] != in_features:
         raise ValueError(
-            f"linear: expected input of shape (*, in_features={in_features}), got shape "
+            f"{layer}: expected input of shape (*, in_features={in_features}), got shape "
             f"{tuple(input.shape)}; the last dimension must equal in_features "
             "(flatten images first, e.g. input.flatten(1))."
         )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(
-            f"linear: bias must have shape ({out_features},), got {tuple(bias.shape)}"
+            f"{layer}: bias must have shape ({out_features},), got {tuple(bias.shape)}"
         )
-    _same_device("linear", input=input, weight=weight, bias=bias)
+    _same_device(layer, input=input, weight=weight, bias=bias)
     cast = _autocast_dtype(input)
     if cast is not None:  # mirror torch's autocast policy for linear: the autocast dtype
         input, weight, bias = _autocast(input, cast), _autocast(weight, cast), \
@@ -108,11 +108,44 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     dtypes = {t.dtype for t in (input, weight, bias) if t is not None}
     if len(dtypes) > 1:
         raise TypeError(
-            f"linear: input is {input.dtype} but weight is {weight.dtype}"
+            f"{layer}: input is {input.dtype} but weight is {weight.dtype}"
             + (f" and bias is {bias.dtype}" if bias is not None else "")
             + "; convert one side, e.g. input.to(weight.dtype) or model.to(input.dtype)."
         )
-    return LinearFunction.apply(input, weight, bias)
+    return input, weight, bias
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = input @ weight^T + bias, as ``torch.nn.functional.linear``.
+
+    input: (*, in_features), weight: (out_features, in_features), bias: (out_features,).
+    """
+    return LinearFunction.apply(*_linear_args("linear", input, weight, bias))
+
+
+def linear_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """relu(linear(input, weight, bias)) in one fused Function (one Python call)."""
+    return LinearReLUFunction.apply(*_linear_args("linear_relu", input, weight, bias))
+
+
+def mlp(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
+        bias2: Tensor | None) -> Tensor:
+    """linear(relu(linear(input, weight1, bias1)), weight2, bias2) in one fused Function."""
+    input, weight1, bias1 = _linear_args("mlp", input, weight1, bias1)
+    if weight2.dim() != 2 or weight2.shape[1] != weight1.shape[0]:
+        raise ValueError(
+            f"mlp: the second weight must have shape (out_features, {weight1.shape[0]}) to "
+            f"follow the first layer's {weight1.shape[0]} outputs, got {tuple(weight2.shape)}")
+    if bias2 is not None and bias2.shape != (weight2.shape[0],):
+        raise ValueError(f"mlp: the second bias must have shape ({weight2.shape[0]},), got "
+                         f"{tuple(bias2.shape)}")
+    cast = _autocast_dtype(input)
+    if cast is not None:  # under autocast the second layer runs in the autocast dtype too
+        weight2, bias2 = _autocast(weight2, cast), _autocast(bias2, cast)
+    if weight2.dtype != input.dtype:
+        raise TypeError(f"mlp: the second weight is {weight2.dtype} but the input is "
+                        f"{input.dtype}; convert the layer, e.g. model.to(input.dtype).")
+    return MLPFunction.apply(input, weight1, bias1, weight2, bias2)[0]
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
@@ -144,10 +177,12 @@ def mse_loss(
         raise ValueError(
             f"mse_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}"
         )
-    try:
-        shape = torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError:
-        shape = None
+    shape = input.shape
+    if target.shape != shape:  # (torch.broadcast_shapes costs ~30 us: only when needed)
+        try:
+            shape = torch.broadcast_shapes(input.shape, target.shape)
+        except RuntimeError:
+            shape = None
     if shape != input.shape:
         hint = ""
         if input.dim() == target.dim() + 1 and input.shape[-1] == 1:

@@ -8,6 +8,7 @@ other, both ways, and ``isinstance(layer, torch.nn.Linear)`` still holds. Only
 the arguments and calls the Function whose backward was derived by hand.
 """
 
+import torch
 from torch import Tensor, nn
 
 from manual_grad import functional as F
@@ -213,3 +214,39 @@ class Embedding(nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:
         return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
+
+
+class FusedLinearReLU(nn.Sequential):
+    """Linear then ReLU as one fused Function (``LinearReLUFunction``): one Python call
+    forward and backward instead of two. Its children are ``torch.nn.Linear`` and
+    ``torch.nn.ReLU``, so initialisation and state_dict keys ("0.weight", "0.bias") are
+    those of ``nn.Sequential(nn.Linear(...), nn.ReLU())``, which ``convert(fuse=True)``
+    turns into this layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(nn.Linear(in_features, out_features, bias, device, dtype), nn.ReLU())
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear_relu(input, self[0].weight, self[0].bias)
+
+
+class FusedMLP(nn.Sequential):
+    """Linear -> ReLU -> Linear (the seed's network) as one fused Function
+    (``MLPFunction``): one Python call forward and one backward for the whole block.
+    Children, initialisation and state_dict keys are those of
+    ``nn.Sequential(nn.Linear(in, hidden), nn.ReLU(), nn.Linear(hidden, out))``, which
+    ``convert(fuse=True)`` turns into this layer.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int,
+                 bias: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(nn.Linear(in_features, hidden_features, bias, device, dtype),
+                         nn.ReLU(),
+                         nn.Linear(hidden_features, out_features, bias, device, dtype))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.mlp(input, self[0].weight, self[0].bias, self[2].weight, self[2].bias)

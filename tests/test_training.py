@@ -54,11 +54,12 @@ def fit(data_dir, impl="manual", epochs=3, callbacks=(), ckpt_path=None, **train
     return trainer, model
 
 
-def test_manual_and_native_give_the_same_loss_curve(tiny_mnist):
+@pytest.mark.parametrize("impl", ["manual", "fused"])
+def test_manual_and_native_give_the_same_loss_curve(tiny_mnist, impl):
     curves, weights = [], []
-    for impl in ("manual", "native"):
+    for run_impl in (impl, "native"):
         rec = StepLosses()
-        _, model = fit(tiny_mnist, impl=impl, callbacks=[rec], precision=64,
+        _, model = fit(tiny_mnist, impl=run_impl, callbacks=[rec], precision=64,
                        enable_checkpointing=False)
         curves.append(torch.tensor(rec.losses, dtype=torch.float64))
         weights.append(model.state_dict())

@@ -11,6 +11,7 @@ from manual_grad.functions.activations import (
     TanhFunction,
 )
 from manual_grad.functions.conv import Conv2dFunction
+from manual_grad.functions.fused import LinearReLUFunction, MLPFunction
 from manual_grad.functions.linear import LinearFunction
 from manual_grad.functions.losses import (
     BCEWithLogitsLossFunction,
@@ -39,9 +40,11 @@ __all__ = [
     "LayerNormFunction",
     "LeakyReLUFunction",
     "LinearFunction",
+    "LinearReLUFunction",
     "LogSoftmaxFunction",
     "MSELossFunction",
     "MaxPool2dFunction",
+    "MLPFunction",
     "ReLUFunction",
     "SiLUFunction",
     "SigmoidFunction",

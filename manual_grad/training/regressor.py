@@ -3,6 +3,8 @@
 All three are built from manual_grad layers (``impl: manual``) or from the identical
 torch.nn layers (``impl: native``); both consume the random stream identically, so the
 same seed gives the same initial weights and the two runs can be compared step by step.
+``impl: fused`` runs the MLPs' linear -> ReLU -> linear as one FusedMLP Function (same
+weights and state_dict keys); the CNN has no fused block and runs as ``manual``.
 """
 
 import math
@@ -16,12 +18,19 @@ from torch import Tensor, nn
 import manual_grad
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-Impl = Literal["manual", "native"]
+Impl = Literal["manual", "native", "fused"]
 
 
 def sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """Plain SGD, the seed's optimiser; lr 0.01 suits standardised MNIST at batch 64."""
     return torch.optim.SGD(params, lr=0.01)
+
+
+def mlp(lib, impl: Impl, d_in: int, hidden: int, d_out: int) -> nn.Module:
+    """linear -> ReLU -> linear from ``lib`` (manual_grad or torch.nn), or fused in one."""
+    if impl == "fused":
+        return manual_grad.FusedMLP(d_in, hidden, d_out)
+    return nn.Sequential(lib.Linear(d_in, hidden), lib.ReLU(), lib.Linear(hidden, d_out))
 
 
 class DigitModel(L.LightningModule):
@@ -36,7 +45,7 @@ class DigitModel(L.LightningModule):
     def __init__(self, impl: Impl, optimizer: OptimizerFactory) -> None:
         super().__init__()
         self.impl = impl
-        self.lib = manual_grad if impl == "manual" else nn
+        self.lib = nn if impl == "native" else manual_grad
         self.optimizer_factory = optimizer
 
     def predict_digit(self, out: Tensor) -> Tensor:
@@ -76,7 +85,8 @@ class MNISTRegressor(DigitModel):
     Args:
         in_features: pixels per image; train.py links it to the data (784 or 64).
         hidden: width of the hidden layer (the seed uses 50).
-        impl: ``manual`` (hand-derived backward) or ``native`` (torch.nn).
+        impl: ``manual`` (hand-derived backward), ``native`` (torch.nn) or ``fused``
+            (the whole MLP as one hand-derived Function).
         optimizer: a factory ``params -> Optimizer``; in YAML a ``class_path`` such as
             ``torch.optim.SGD`` with its ``init_args`` (lr, momentum...).
     """
@@ -89,10 +99,8 @@ class MNISTRegressor(DigitModel):
         # impl is not saved: it changes no parameter, so a checkpoint of either
         # implementation loads into the other (and the command line decides which runs)
         self.save_hyperparameters(ignore=["optimizer", "impl"])
-        lib = self.lib
-        self.net = nn.Sequential(lib.Linear(in_features, hidden), lib.ReLU(),
-                                 lib.Linear(hidden, 1))
-        self.loss_fn = lib.MSELoss()
+        self.net = mlp(self.lib, impl, in_features, hidden, 1)
+        self.loss_fn = self.lib.MSELoss()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)  # (N, 1) -> (N,), the shape of the targets
@@ -111,10 +119,8 @@ class MNISTClassifier(DigitModel):
                  label_smoothing: float = 0.0, optimizer: OptimizerFactory = sgd) -> None:
         super().__init__(impl, optimizer)
         self.save_hyperparameters(ignore=["optimizer", "impl"])
-        lib = self.lib
-        self.net = nn.Sequential(lib.Linear(in_features, hidden), lib.ReLU(),
-                                 lib.Linear(hidden, 10))
-        self.loss_fn = lib.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.net = mlp(self.lib, impl, in_features, hidden, 10)
+        self.loss_fn = self.lib.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
