@@ -2,7 +2,9 @@
 manual_grad against torch.nn, in one process, interleaved, medians of several repeats.
 
 A plain PyTorch loop over data already on the device (no DataLoader, no Lightning), so
-what is measured is the layers' forward and backward plus the optimiser step.
+what is measured is the layers' forward and backward plus the optimiser step. Rows:
+torch.nn, the drop-in manual_grad layers, the FusedMLP block, and both drop-in models
+under torch.compile(fullgraph=True) (ratio against compiled torch.nn).
 
     python bench/train_step.py
 """
@@ -29,14 +31,20 @@ def build(lib, device):
     return model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-def epoch_fn(lib, X, Y, batch):
+def epoch_fn(lib, X, Y, batch, compiled=False):
     model, loss_fn, opt = build(lib, X.device)
+
+    def loss_of(x, y):
+        return loss_fn(model(x).squeeze(-1), y)
+
+    # fullgraph: the hand-derived Functions are traced into the graph, backward included
+    step_loss = torch.compile(loss_of, fullgraph=True) if compiled else loss_of
 
     def run():
         perm = torch.randperm(len(X), device=X.device)
         for idx in perm.split(batch):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X[idx]).squeeze(-1), Y[idx])
+            loss = step_loss(X[idx], Y[idx])
             loss.backward()
             opt.step()
     return run
@@ -46,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096])
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile rows (compiling takes ~30 s)")
     args = parser.parse_args()
     impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad,
              "manual_grad FusedMLP": "fused"}
@@ -55,10 +65,16 @@ def main() -> None:
         rows = []
         for batch in args.batches:
             fns = {name: epoch_fn(lib, X, Y, batch) for name, lib in impls.items()}
+            if not args.no_compile:
+                fns["native + torch.compile"] = epoch_fn(nn, X, Y, batch, compiled=True)
+                fns["manual_grad + torch.compile"] = epoch_fn(manual_grad, X, Y, batch,
+                                                              compiled=True)
             times = interleaved(fns, device, repeats=args.repeats, warmup=1)
-            base = times["native (torch.nn)"]
             steps = -(-N_EPOCH // batch)
             for name, t in times.items():
+                # compiled rows are compared with compiled native, eager ones with eager
+                base = times["native + torch.compile" if "compile" in name
+                             else "native (torch.nn)"]
                 rows.append([str(batch), name, ms(t), f"{t / steps * 1e6:.1f}", f"{t / base:.3f}"])
         table(f"Training epoch, plain loop, {N_EPOCH} x 784 -> 50 -> 1, SGD",
               ["batch", "layers", "epoch ms", "us/step", "ratio vs native"], rows, device,
