@@ -1,6 +1,7 @@
 """Training the seed's network with Lightning: manual and native agree, runs resume exactly,
 the real digits are learned, and DDP equals one process over the same global batch."""
 
+import csv
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from manual_grad.training import MNISTDataModule, MNISTRegressor, ResidentLoader
 from manual_grad.training.cli import main
@@ -211,3 +213,38 @@ def test_gpu_run_keeps_the_data_resident_and_matches_native(tiny_mnist):
         assert isinstance(loader, ResidentLoader) and loader.x.device.type == "cuda"
         losses.append(torch.tensor(rec.losses))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+
+
+def test_several_steps_per_lightning_step_take_the_same_steps(tiny_mnist, tmp_path):
+    """data.steps_per_batch groups batches; each still gets its own optimiser step, and
+    every step's loss is still recorded, at its own step number."""
+    results = []
+    for k in (1, 3):
+        L.seed_everything(0)
+        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=16, val_size=16,
+                             download=False, steps_per_batch=k)
+        model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=k)
+        rec = StepLosses()
+        logger = CSVLogger(tmp_path, name=f"k{k}")
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", precision=64, logger=logger,
+                            enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=[rec] if k == 1 else [])
+        trainer.fit(model, dm)
+        results.append((trainer.global_step, model.state_dict(),
+                        float(trainer.callback_metrics["train_mse"]), rec.losses))
+    (steps1, weights1, mse1, losses1), (steps3, weights3, mse3, _) = results
+    assert steps1 == steps3 == 15  # 5 optimiser steps per epoch either way (2 groups of 3)
+    torch.testing.assert_close(weights3, weights1, rtol=1e-12, atol=1e-12)
+    assert mse3 == pytest.approx(mse1, rel=1e-12)
+    with (tmp_path / "k3" / "version_0" / "metrics.csv").open() as f:
+        logged = {int(r["step"]): float(r["train_mse_step"]) for r in csv.DictReader(f)
+                  if r.get("train_mse_step")}
+    assert sorted(logged) == list(range(15))
+    assert [logged[i] for i in range(15)] == pytest.approx(losses1, rel=1e-12)
+
+
+def test_steps_per_batch_needs_resident_data(tiny_mnist):
+    with pytest.raises(ValueError, match="data.steps_per_batch must be >= 1 and needs "
+                                         "data.resident"):
+        MNISTDataModule(data_dir=str(tiny_mnist), resident=False, steps_per_batch=4,
+                        download=False)

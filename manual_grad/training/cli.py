@@ -14,6 +14,8 @@ class CLI(LightningCLI):
         # the model's input width follows the data actually loaded (784, or 64 offline)
         parser.link_arguments("data.in_features", "model.init_args.in_features",
                               apply_on="instantiate")
+        # the data groups the batches, the model steps through each group
+        parser.link_arguments("data.steps_per_batch", "model.init_args.steps_per_batch")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         super().parse_arguments(parser, args)

@@ -34,12 +34,17 @@ class ResidentLoader:
     It is resumable: its state is the epoch and the number of batches the trainer
     completed, so a run restored from a mid-epoch checkpoint continues with the
     very batches it had not yet trained on.
+
+    With ``group`` > 1 each item is a list of up to ``group`` consecutive (x, y)
+    batches, which the model trains on one optimiser step each: Lightning's per-step
+    work is then paid once per group.
     """
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1,
-                 progress: Callable[[], tuple[int, int]] | None = None) -> None:
+                 progress: Callable[[], tuple[int, int]] | None = None, group: int = 1) -> None:
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.group = group
         self.rank, self.world_size = rank, world_size
         self.progress = progress  # () -> (epoch, batches completed in it), from the trainer
         self.epoch, self.skip = 0, 0
@@ -54,17 +59,21 @@ class ResidentLoader:
         return perm[self.rank :: self.world_size].to(self.x.device)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) // self.world_size / self.batch_size)
+        return math.ceil(math.ceil(len(self.x) // self.world_size / self.batch_size) / self.group)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
         if self.progress is not None:
             epoch, _ = self.progress()
             if epoch != self.epoch:
                 self.epoch, self.skip = epoch, 0
         batches = self._indices().split(self.batch_size)
         start, self.skip = self.skip, 0
-        for idx in batches[start:]:
-            yield self.x[idx], self.y[idx]
+        if self.group == 1:
+            for idx in batches[start:]:
+                yield self.x[idx], self.y[idx]
+            return
+        for first in range(start * self.group, len(batches), self.group):
+            yield [(self.x[idx], self.y[idx]) for idx in batches[first : first + self.group]]
 
     def state_dict(self) -> dict[str, int]:
         epoch, done = self.progress() if self.progress is not None else (self.epoch, 0)
@@ -89,6 +98,9 @@ class MNISTDataModule(L.LightningDataModule):
         download: try to download missing files.
         resident: keep each split as one tensor on the training device and batch
             by index (fast); ``False`` uses a DataLoader over a TensorDataset.
+        steps_per_batch: optimiser steps per Lightning training step (needs
+            ``resident``); train.py passes it to the model. 1 is Lightning's usual loop;
+            more pays Lightning's per-step work once for that many steps.
         seed: seed of the per-epoch shuffle.
     """
 
@@ -102,12 +114,16 @@ class MNISTDataModule(L.LightningDataModule):
         download: bool = True,
         resident: bool = True,
         seed: int = 0,
+        steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if val_size < 1:
             raise ValueError(f"data.val_size must be >= 1, got {val_size}")
+        if steps_per_batch < 1 or (steps_per_batch > 1 and not resident):
+            raise ValueError(f"data.steps_per_batch must be >= 1 and needs data.resident: "
+                             f"true when > 1, got {steps_per_batch} (resident={resident})")
         self.save_hyperparameters()
         self.source = self._resolve_source(dataset, Path(data_dir), fallback, download)
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
@@ -202,7 +218,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.splits["train"] = self._prepare(x[:-val_size], y[:-val_size])
         self.splits["val"] = self._prepare(x[-val_size:], y[-val_size:])
 
-    def _loader(self, split: str, shuffle: bool) -> Any:
+    def _loader(self, split: str, shuffle: bool, group: int = 1) -> Any:
         x, y = self.splits[split]
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
@@ -214,7 +230,10 @@ class MNISTDataModule(L.LightningDataModule):
                     done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
                     return trainer.current_epoch, done
             return ResidentLoader(x.to(device), y.to(device), self.hparams.batch_size, shuffle,
-                                  self.hparams.seed, rank, world, progress)
+                                  self.hparams.seed, rank, world, progress, group)
+        if group > 1:
+            raise ValueError("data.steps_per_batch > 1 needs the data resident on the device, "
+                             "and it does not fit there; set data.steps_per_batch: 1")
         return DataLoader(TensorDataset(x, y), batch_size=self.hparams.batch_size,
                           shuffle=shuffle, pin_memory=device.type == "cuda")
 
@@ -226,7 +245,7 @@ class MNISTDataModule(L.LightningDataModule):
         return x.numel() * x.element_size() < free // 4
 
     def train_dataloader(self) -> Any:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=True, group=self.hparams.steps_per_batch)
 
     def val_dataloader(self) -> Any:
         return self._loader("val", shuffle=False)

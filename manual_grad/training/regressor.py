@@ -9,7 +9,7 @@ weights and state_dict keys); the CNN has no fused block and runs as ``manual``.
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -42,9 +42,12 @@ class DigitModel(L.LightningModule):
 
     metric = "loss"
 
-    def __init__(self, impl: Impl, optimizer: OptimizerFactory) -> None:
+    def __init__(self, impl: Impl, optimizer: OptimizerFactory,
+                 steps_per_batch: int = 1) -> None:
         super().__init__()
         self.impl = impl
+        # several optimiser steps per Lightning step: the loop below, not Lightning's
+        self.automatic_optimization = steps_per_batch == 1
         self.lib = nn if impl == "native" else manual_grad
         self.optimizer_factory = optimizer
 
@@ -54,12 +57,34 @@ class DigitModel(L.LightningModule):
     def target(self, y: Tensor) -> Tensor:
         return y
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = self.loss_fn(self(x), self.target(y))
-        self.log(f"train_{self.metric}", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=len(y), sync_dist=True)
-        return loss
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            x, y = batch
+            loss = self.loss_fn(self(x), self.target(y))
+            self.log(f"train_{self.metric}", loss, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=len(y), sync_dist=True)
+            return loss
+        # a group of batches (data.steps_per_batch): one optimiser step each, as the
+        # automatic loop would take them, with Lightning's per-step work paid once
+        opt = self.optimizers()
+        losses, sizes = [], []
+        for x, y in batch:
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self(x), self.target(y))
+            self.manual_backward(loss)
+            opt.step()
+            losses.append(loss.detach())
+            sizes.append(len(y))
+        per_step = torch.stack(losses)
+        weights = per_step.new_tensor(sizes)
+        self.log(f"train_{self.metric}", (per_step * weights).sum() / weights.sum(),
+                 on_step=False, on_epoch=True, prog_bar=True, batch_size=int(sum(sizes)),
+                 sync_dist=True)
+        if self.logger is not None:  # every step's loss is still recorded, at its step
+            first = self.global_step - len(losses)
+            for i, value in enumerate(per_step.tolist()):
+                self.logger.log_metrics({f"train_{self.metric}_step": value}, step=first + i)
+        return None
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
         x, y = batch
@@ -89,16 +114,19 @@ class MNISTRegressor(DigitModel):
             (the whole MLP as one hand-derived Function).
         optimizer: a factory ``params -> Optimizer``; in YAML a ``class_path`` such as
             ``torch.optim.SGD`` with its ``init_args`` (lr, momentum...).
+        steps_per_batch: optimiser steps per Lightning step; train.py links it to
+            ``data.steps_per_batch``.
     """
 
     metric = "mse"
 
     def __init__(self, in_features: int = 784, hidden: int = 50, impl: Impl = "manual",
-                 optimizer: OptimizerFactory = sgd) -> None:
-        super().__init__(impl, optimizer)
-        # impl is not saved: it changes no parameter, so a checkpoint of either
-        # implementation loads into the other (and the command line decides which runs)
-        self.save_hyperparameters(ignore=["optimizer", "impl"])
+                 optimizer: OptimizerFactory = sgd, steps_per_batch: int = 1) -> None:
+        super().__init__(impl, optimizer, steps_per_batch)
+        # impl and steps_per_batch are not saved: they change no parameter, so a
+        # checkpoint of either implementation loads into the other (and the command
+        # line, not the checkpoint, decides how it runs)
+        self.save_hyperparameters(ignore=["optimizer", "impl", "steps_per_batch"])
         self.net = mlp(self.lib, impl, in_features, hidden, 1)
         self.loss_fn = self.lib.MSELoss()
 
@@ -116,9 +144,10 @@ class MNISTClassifier(DigitModel):
     """
 
     def __init__(self, in_features: int = 784, hidden: int = 100, impl: Impl = "manual",
-                 label_smoothing: float = 0.0, optimizer: OptimizerFactory = sgd) -> None:
-        super().__init__(impl, optimizer)
-        self.save_hyperparameters(ignore=["optimizer", "impl"])
+                 label_smoothing: float = 0.0, optimizer: OptimizerFactory = sgd,
+                 steps_per_batch: int = 1) -> None:
+        super().__init__(impl, optimizer, steps_per_batch)
+        self.save_hyperparameters(ignore=["optimizer", "impl", "steps_per_batch"])
         self.net = mlp(self.lib, impl, in_features, hidden, 10)
         self.loss_fn = self.lib.CrossEntropyLoss(label_smoothing=label_smoothing)
 
@@ -142,9 +171,9 @@ class MNISTConvNet(MNISTClassifier):
 
     def __init__(self, in_features: int = 784, channels: tuple[int, int] = (8, 16),
                  impl: Impl = "manual", label_smoothing: float = 0.0,
-                 optimizer: OptimizerFactory = sgd) -> None:
-        DigitModel.__init__(self, impl, optimizer)
-        self.save_hyperparameters(ignore=["optimizer", "impl"])
+                 optimizer: OptimizerFactory = sgd, steps_per_batch: int = 1) -> None:
+        DigitModel.__init__(self, impl, optimizer, steps_per_batch)
+        self.save_hyperparameters(ignore=["optimizer", "impl", "steps_per_batch"])
         side = math.isqrt(in_features)
         if side * side != in_features:
             raise ValueError(f"MNISTConvNet needs square images, got in_features={in_features}")
