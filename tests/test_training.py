@@ -248,3 +248,28 @@ def test_steps_per_batch_needs_resident_data(tiny_mnist):
                                          "data.resident"):
         MNISTDataModule(data_dir=str(tiny_mnist), resident=False, steps_per_batch=4,
                         download=False)
+
+
+def test_grouped_steps_resume_exactly_after_a_crash(tiny_mnist, tmp_path):
+    def run(callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=16, val_size=16,
+                             download=False, steps_per_batch=3)
+        model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=3)
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+                            default_root_dir=tmp_path)
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return trainer, model
+
+    _, reference = run([])
+
+    def checkpoint():
+        return ModelCheckpoint(dirpath=tmp_path, save_last=True, save_on_exception=True)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run([checkpoint(), Crash(at_step=8)])  # epoch 2, before its second group
+    resumed_trainer, resumed = run([checkpoint()], ckpt_path="last")
+    assert resumed_trainer.global_step == 15
+    torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
