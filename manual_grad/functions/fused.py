@@ -8,17 +8,11 @@ same chain rule, written out in one backward.
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._signature import cache_forward_signature
-
-
-def _affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-    rows = x.reshape(-1, W.shape[1])
-    y = rows @ W.t() if b is None else torch.addmm(b, rows, W.t())
-    return y.reshape(*x.shape[:-1], W.shape[0])
+from manual_grad.functions.linear import affine
 
 
 @cache_forward_signature
@@ -34,7 +28,7 @@ class LinearReLUFunction(Function):
 
     @staticmethod
     def forward(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        return _affine(x, W, b).clamp_min_(0.0)
+        return affine(x, W, b).clamp_min_(0.0)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -72,8 +66,8 @@ class MLPFunction(Function):
     @staticmethod
     def forward(x: Tensor, W1: Tensor, b1: Tensor | None, W2: Tensor,
                 b2: Tensor | None) -> tuple[Tensor, Tensor]:
-        h = _affine(x, W1, b1).clamp_min_(0.0)
-        return _affine(h, W2, b2), h
+        h = affine(x, W1, b1).clamp_min_(0.0)
+        return affine(h, W2, b2), h
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:

@@ -9,6 +9,13 @@ from torch.autograd import Function
 from manual_grad.functions._signature import cache_forward_signature
 
 
+def affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """x W^T + b for x of shape (*, in): one (addmm) product over the flattened rows."""
+    rows = x.reshape(-1, W.shape[1])  # (*, in) -> (n, in): a view when possible
+    y = rows @ W.t() if b is None else torch.addmm(b, rows, W.t())
+    return y.reshape(*x.shape[:-1], W.shape[0])
+
+
 @cache_forward_signature
 class LinearFunction(Function):
     r"""y = x W^T + b, weight stored as in ``torch.nn.Linear``.
@@ -34,9 +41,7 @@ class LinearFunction(Function):
 
     @staticmethod
     def forward(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        rows = x.reshape(-1, W.shape[1])  # (*, in) -> (n, in): a view when possible
-        y = rows @ W.t() if b is None else torch.addmm(b, rows, W.t())
-        return y.reshape(*x.shape[:-1], W.shape[0])
+        return affine(x, W, b)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
