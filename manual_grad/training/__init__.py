@@ -1,9 +1,9 @@
-"""Training with Lightning: the seed's regressor, MNIST data, and a run report."""
+"""Training with Lightning: the models, MNIST data, the CLI and a run report."""
 
 from manual_grad.training.checkpoint_io import CheckpointError, SafeCheckpointIO
 from manual_grad.training.data import MNISTDataModule, ResidentLoader
 from manual_grad.training.idx import IDXError, read_idx
-from manual_grad.training.regressor import (
+from manual_grad.training.models import (
     DigitModel,
     MNISTClassifier,
     MNISTConvNet,

@@ -6,7 +6,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from manual_grad.training.checkpoint_io import CheckpointError, check_checkpoint
 from manual_grad.training.data import MNISTDataModule
-from manual_grad.training.regressor import DigitModel
+from manual_grad.training.models import DigitModel
 
 
 class CLI(LightningCLI):
