@@ -1,5 +1,6 @@
 """The classification configs: an MLP and a CNN through train.py, manual against native."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,8 +13,7 @@ from manual_grad.training import MNISTClassifier, MNISTConvNet, MNISTDataModule
 from manual_grad.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-T10K = Path(__import__("os").environ.get("MNIST_T10K_DIR",
-                                         ROOT.parent / "shared" / "data" / "mnist-t10k"))
+T10K = Path(os.environ.get("MNIST_T10K_DIR", ROOT.parent / "shared" / "data" / "mnist-t10k"))
 
 
 class StepLosses(L.Callback):

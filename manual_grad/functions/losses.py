@@ -166,7 +166,8 @@ class BCEWithLogitsLossFunction(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         z, y, weight, pos_weight = ctx.saved_tensors
         py = y if pos_weight is None else pos_weight * y
-        scale = _scale(g, ctx.reduction, torch.broadcast_shapes(z.shape, y.shape).numel())
+        # z and y share one shape (functional checks it): n is z's element count
+        scale = _scale(g, ctx.reduction, z.numel())
         if weight is not None:
             scale = weight * scale
         grad_z = grad_y = None
