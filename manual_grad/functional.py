@@ -84,6 +84,13 @@ def _same_device(layer: str, **tensors: Tensor | None) -> None:
 def _linear_args(layer: str, input: Tensor, weight: Tensor,
                  bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Check a linear layer's arguments; under autocast, cast them as torch would."""
+    shape = weight.shape
+    if (len(shape) == 2 and input.shape[-1:] == shape[1:] and input.dtype == weight.dtype
+            and input.device == weight.device
+            and (bias is None or (bias.shape == shape[:1] and bias.dtype == weight.dtype
+                                  and bias.device == weight.device))
+            and not torch.is_autocast_enabled(input.device.type)):
+        return input, weight, bias  # the usual case, settled in a few reads (~2 us)
     if weight.dim() != 2:
         raise ValueError(
             f"{layer}: weight must be 2-D (out_features, in_features), got shape "
@@ -171,6 +178,11 @@ def mse_loss(
     gives an (N, N) loss) is an error, not a warning. A target that broadcasts to
     the input's shape (e.g. a scalar) is accepted, as in torch.
     """
+    if (target.shape == input.shape and input.dtype == target.dtype
+            and input.device == target.device and reduction in REDUCTIONS
+            and size_average is None and reduce is None
+            and not torch.is_autocast_enabled(input.device.type)):
+        return MSELossFunction.apply(input, target, reduction)  # the usual case, checked
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     if reduction not in REDUCTIONS:

@@ -49,6 +49,17 @@ def test_relu_gradient_at_zero_nan_and_inf_is_torchs():
     assert x1.grad[0] == 0 and x1.grad[1] == 0  # the subgradient chosen at exactly 0
 
 
+def test_relu_non_finite_incoming_gradient_at_zero_is_the_documented_difference():
+    # The float mask multiplies: 0 * inf is NaN where torch's select gives 0. Everywhere
+    # else (u > 0, or g finite) the result is torch's, bit for bit.
+    x = torch.tensor([0.0, -1.0, 2.0, 3.0], requires_grad=True)
+    g = torch.tensor([float("inf"), 5.0, float("inf"), float("nan")])
+    (ours,) = torch.autograd.grad(MF.relu(x), x, g)
+    (theirs,) = torch.autograd.grad(torch.relu(x), x, g)
+    assert ours[0].isnan() and theirs[0] == 0
+    torch.testing.assert_close(ours[1:], theirs[1:], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "make_grad",
     [lambda y: torch.ones(()).expand_as(y), lambda y: torch.randn(y.shape[::-1]).t()],

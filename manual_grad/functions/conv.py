@@ -7,10 +7,10 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 
-@cache_forward_signature
+@fast_apply
 class Conv2dFunction(Function):
     r"""y = conv2d(x, W) + b, read as a linear layer applied at every position.
 

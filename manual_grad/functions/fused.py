@@ -11,11 +11,12 @@ from typing import Any
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions.activations import relu_mask
 from manual_grad.functions.linear import affine
 
 
-@cache_forward_signature
+@fast_apply
 class LinearReLUFunction(Function):
     r"""h = max(0, x W^T + b): Linear then ReLU in one call.
 
@@ -32,23 +33,26 @@ class LinearReLUFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, W, b = inputs
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
-                              W if ctx.needs_input_grad[0] else None, output)
-        ctx.has_bias = b is not None
+        needs_x, needs_W, _ = ctx.needs_input_grad
+        x, W, _ = inputs
+        ctx.save_for_backward(x if needs_W else None, W if needs_x else None, output)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, W, h = ctx.saved_tensors
-        dz = g.masked_fill(h <= 0, 0.0)
-        dz_rows = dz.reshape(-1, dz.shape[-1])
-        grad_x = dz @ W if ctx.needs_input_grad[0] else None
-        grad_W = dz_rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = dz_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        needs_x, needs_W, needs_b = ctx.needs_input_grad  # False for an absent bias
+        dz = g * relu_mask(h)  # g * (h > 0)
+        dz_rows = dz if dz.dim() == 2 else dz.reshape(-1, dz.shape[-1])
+        grad_x = dz @ W if needs_x else None
+        grad_W = grad_b = None
+        if needs_W:
+            grad_W = dz_rows.t() @ (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+        if needs_b:
+            grad_b = dz_rows.sum(0)
         return grad_x, grad_W, grad_b
 
 
-@cache_forward_signature
+@fast_apply
 class MLPFunction(Function):
     r"""y = max(0, x W1^T + b1) W2^T + b2: the seed's whole network in one call.
 
@@ -71,30 +75,31 @@ class MLPFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        x, W1, b1, W2, b2 = inputs
         _, h = output
         ctx.set_materialize_grads(False)  # no zero tensor for the (usually unused) g_h
         need = ctx.needs_input_grad
-        ctx.save_for_backward(x if need[1] else None, W1 if need[0] else None, W2, h)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        x, W1 = inputs[0], inputs[1]
+        ctx.save_for_backward(x if need[1] else None, W1 if need[0] else None, inputs[3], h)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, g_h: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W1, W2, h = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        h_rows = h.reshape(-1, h.shape[-1])
+        need_x, need_W1, need_b1, need_W2, need_b2 = ctx.needs_input_grad  # False if absent
+        h_rows = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
         grad_W2 = grad_b2 = grad_x = grad_W1 = grad_b1 = None
-        g_rows = g.reshape(-1, g.shape[-1]) if g is not None else None
-        if g_rows is not None:
-            grad_W2 = g_rows.t() @ h_rows if need[3] else None
-            grad_b2 = g_rows.sum(0) if ctx.has_b2 and need[4] else None
-        if (need[0] or need[1] or need[2]) and (g is not None or g_h is not None):
+        g_rows = None
+        if g is not None:
+            g_rows = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])
+            grad_W2 = g_rows.t() @ h_rows if need_W2 else None
+            grad_b2 = g_rows.sum(0) if need_b2 else None
+        if (need_x or need_W1 or need_b1) and (g is not None or g_h is not None):
             dh = g_rows @ W2 if g_rows is not None else None
             if g_h is not None:
                 g_h_rows = g_h.reshape(-1, g_h.shape[-1])
                 dh = g_h_rows if dh is None else dh + g_h_rows
-            dz = dh.masked_fill(h_rows <= 0, 0.0)
-            grad_W1 = dz.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
-            grad_b1 = dz.sum(0) if ctx.has_b1 and need[2] else None
-            grad_x = (dz @ W1).reshape(*h.shape[:-1], W1.shape[1]) if need[0] else None
+            dz = dh * relu_mask(h_rows)  # dh * (h > 0)
+            if need_W1:
+                grad_W1 = dz.t() @ (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+            grad_b1 = dz.sum(0) if need_b1 else None
+            grad_x = (dz @ W1).reshape(*h.shape[:-1], W1.shape[1]) if need_x else None
         return grad_x, grad_W1, grad_b1, grad_W2, grad_b2

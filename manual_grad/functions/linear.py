@@ -6,17 +6,19 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 
 def affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     """x W^T + b for x of shape (*, in): one (addmm) product over the flattened rows."""
+    if x.dim() == 2:  # the usual (n, in) batch: no reshapes
+        return x @ W.t() if b is None else torch.addmm(b, x, W.t())
     rows = x.reshape(-1, W.shape[1])  # (*, in) -> (n, in): a view when possible
     y = rows @ W.t() if b is None else torch.addmm(b, rows, W.t())
     return y.reshape(*x.shape[:-1], W.shape[0])
 
 
-@cache_forward_signature
+@fast_apply
 class LinearFunction(Function):
     r"""y = x W^T + b, weight stored as in ``torch.nn.Linear``.
 
@@ -46,22 +48,22 @@ class LinearFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, W, b = inputs
-        needs_x, needs_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_x, needs_W, _ = ctx.needs_input_grad
         # dL/dx needs only W and dL/dW needs only x: keep just what will be used.
         ctx.save_for_backward(x if needs_W else None, W if needs_x else None)
-        ctx.has_bias = b is not None
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, W = ctx.saved_tensors
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ W  # (*, out) @ (out, in) -> (*, in)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        needs_x, needs_W, needs_b = ctx.needs_input_grad  # False for an absent bias
+        grad_x = g @ W if needs_x else None  # (*, out) @ (out, in) -> (*, in)
+        grad_W = grad_b = None
+        if needs_W or needs_b:
             # reshape, not view: g may be expanded or strided (e.g. from .sum()).
-            g_rows = g.reshape(-1, g.shape[-1])  # (n, out)
-            if ctx.needs_input_grad[1]:
-                grad_W = g_rows.t() @ x.reshape(-1, x.shape[-1])  # (out, n) @ (n, in)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
+            g_rows = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])  # (n, out)
+            if needs_W:
+                x_rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+                grad_W = g_rows.t() @ x_rows  # (out, n) @ (n, in)
+            if needs_b:
                 grad_b = g_rows.sum(0)  # (out,)
         return grad_x, grad_W, grad_b

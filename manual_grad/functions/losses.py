@@ -6,12 +6,12 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-@cache_forward_signature
+@fast_apply
 class MSELossFunction(Function):
     r"""Mean squared error, as ``torch.nn.functional.mse_loss``.
 
@@ -46,15 +46,19 @@ class MSELossFunction(Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        needs_u, needs_y, _ = ctx.needs_input_grad
+        if not (needs_u or needs_y):
             return None, None, None
         u, y = ctx.saved_tensors
         d = u - y  # broadcast shape; equals u's shape (functional.mse_loss checks)
         # max(.., 1): an empty batch has an empty gradient, not a division by zero.
         scale = 2.0 / max(d.numel(), 1) if ctx.reduction == "mean" else 2.0
-        grad_d = (scale * d) * g
-        grad_u = grad_d.sum_to_size(u.shape) if ctx.needs_input_grad[0] else None
-        grad_y = (-grad_d).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
+        grad_d = d * (g * scale)  # (scale * g first: a scalar product unless 'none')
+        grad_u = grad_y = None
+        if needs_u:
+            grad_u = grad_d if u.shape == d.shape else grad_d.sum_to_size(u.shape)
+        if needs_y:
+            grad_y = (-grad_d).sum_to_size(y.shape)
         return grad_u, grad_y, None
 
 
@@ -71,7 +75,7 @@ def _scale(g: Tensor, reduction: str, n: int) -> Tensor:
     return g / max(n, 1) if reduction == "mean" else g
 
 
-@cache_forward_signature
+@fast_apply
 class L1LossFunction(Function):
     r"""C = reduce(|u - y|).
 
@@ -102,7 +106,7 @@ class L1LossFunction(Function):
         return grad_u, grad_y, None
 
 
-@cache_forward_signature
+@fast_apply
 class HuberLossFunction(Function):
     r"""C = reduce(h(u - y)), h(d) = d^2 / 2 if |d| <= delta else delta (|d| - delta / 2).
 
@@ -135,7 +139,7 @@ class HuberLossFunction(Function):
         return grad_u, grad_y, None, None
 
 
-@cache_forward_signature
+@fast_apply
 class BCEWithLogitsLossFunction(Function):
     r"""Binary cross-entropy on logits z with targets y, weight w, positive weight p:
 
@@ -181,7 +185,7 @@ class BCEWithLogitsLossFunction(Function):
         return grad_z, grad_y, None, None, None
 
 
-@cache_forward_signature
+@fast_apply
 class CrossEntropyLossFunction(Function):
     r"""Cross-entropy on logits z (N, C, *) or (C,), fused with its log-softmax.
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 
 def _normalize_backward(g: Tensor, xhat: Tensor, rstd: Tensor, w: Tensor | None,
@@ -22,7 +22,7 @@ def _normalize_backward(g: Tensor, xhat: Tensor, rstd: Tensor, w: Tensor | None,
                    - xhat * (dxhat * xhat).mean(dims, keepdim=True))
 
 
-@cache_forward_signature
+@fast_apply
 class LayerNormFunction(Function):
     r"""y = (x - mean) / sqrt(var + eps) * w + b over the last k dims (normalized_shape).
 
@@ -65,7 +65,7 @@ class LayerNormFunction(Function):
         return grad_x, None, grad_w, grad_b, None
 
 
-@cache_forward_signature
+@fast_apply
 class BatchNormFunction(Function):
     r"""y = (x - mean_c) / sqrt(var_c + eps) * w_c + b_c per channel c (dim 1).
 

@@ -6,10 +6,10 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 
-@cache_forward_signature
+@fast_apply
 class MaxPool2dFunction(Function):
     r"""y[n, c, l] = max over window l of x[n, c, .]; the winner's flat index is kept.
 
@@ -46,7 +46,7 @@ class MaxPool2dFunction(Function):
         return grad_x, None, None, None, None, None
 
 
-@cache_forward_signature
+@fast_apply
 class AvgPool2dFunction(Function):
     r"""y[n, c, l] = sum over window l of x[n, c, .] / d_l.
 

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 
-@cache_forward_signature
+@fast_apply
 class DropoutFunction(Function):
     r"""y = x * m / (1 - p), m_i ~ Bernoulli(1 - p) drawn once per forward.
 

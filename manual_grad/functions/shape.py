@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._signature import cache_forward_signature
+from manual_grad.functions._fast_apply import fast_apply
 
 
-@cache_forward_signature
+@fast_apply
 class FlattenFunction(Function):
     r"""y = x with dims start..end merged into one. Nothing is computed, only relabelled:
         dL/dx = g reshaped back to x's shape
@@ -30,7 +30,7 @@ class FlattenFunction(Function):
         return (g.reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None), None, None
 
 
-@cache_forward_signature
+@fast_apply
 class EmbeddingFunction(Function):
     r"""y[..., :] = W[i[...], :]: a row lookup, i (*) of int64, W (num, dim), y (*, dim).
 

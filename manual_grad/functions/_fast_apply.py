@@ -1,0 +1,61 @@
+"""Cheaper ``apply`` for Functions written in the forward / setup_context style.
+
+That style is the one torch.func (vmap, grad, jacrev) and torch.compile need, but in
+eager mode it costs more per call than the older combined ``forward(ctx, *args)``
+style: before every call torch binds the arguments to ``forward``'s signature in Python
+(``inspect.Signature.bind``) to fill in defaults. Measured on a 2-core CPU with torch
+2.14: ~10 us per apply against ~2.5 us, about a quarter of a 64-row Linear's whole
+forward.
+
+``fast_apply`` keeps the class exactly as written (its forward, setup_context and
+backward are the only math there is) and adds a twin in the combined style whose
+``forward(ctx, *args)`` just calls the two: the same code, differently wired. The
+class's ``apply`` then takes the twin in plain eager mode and torch's own path whenever
+a torch.func transform is active, torch.compile is tracing, or keyword arguments are
+given.
+"""
+
+import inspect
+from typing import Any
+
+import torch
+from torch.autograd import Function
+
+_torch_apply = Function.__dict__["apply"]  # torch's classmethod: binds, then runs the graph
+
+
+def fast_apply(cls: type[Function]) -> type[Function]:
+    """Give ``cls`` an eager-mode ``apply`` that skips argument binding (see module doc)."""
+    signature = inspect.signature(cls.forward)
+    cls.forward.__signature__ = signature  # torch's own path: no re-inspection per call
+    params = list(signature.parameters.values())
+    defaults = tuple(p.default for p in params)
+    n_params = len(params)
+    # the fewest positional arguments a call may give: the rest must have defaults
+    n_required = max((i + 1 for i, p in enumerate(params) if p.default is p.empty), default=0)
+    forward, setup_context = cls.forward, cls.setup_context
+
+    def combined_forward(ctx: Any, *args: Any) -> Any:
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    twin = type(cls.__name__, (Function,), {
+        "__doc__": f"``{cls.__name__}`` wired in the combined forward(ctx, ...) style.",
+        "__module__": cls.__module__,
+        "forward": staticmethod(combined_forward),
+        "backward": staticmethod(cls.backward),
+    })
+
+    def apply(klass: type[Function], *args: Any, **kwargs: Any) -> Any:
+        if (torch.compiler.is_compiling() or kwargs or klass is not cls
+                or not n_required <= len(args) <= n_params
+                or torch._C._are_functorch_transforms_active()):
+            return _torch_apply.__get__(None, klass)(*args, **kwargs)
+        if len(args) < n_params:  # fill in forward's defaults, as torch's binding does
+            args = args + defaults[len(args):]
+        return twin.apply(*args)
+
+    cls.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    cls._eager_twin = twin  # type: ignore[attr-defined]
+    return cls
