@@ -273,3 +273,36 @@ def test_grouped_steps_resume_exactly_after_a_crash(tiny_mnist, tmp_path):
     resumed_trainer, resumed = run([checkpoint()], ckpt_path="last")
     assert resumed_trainer.global_step == 15
     torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+class CountsBackwardHooks(L.Callback):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.calls += 1
+
+
+def test_grouped_steps_skip_lightnings_step_wrappers_only_when_nothing_listens(tiny_mnist):
+    """The plain inner step (loss.backward(), optimizer.step()) is taken only when no
+    callback needs Lightning's per-step hooks; then and otherwise the steps are the same."""
+    runs = {}
+    for listening in (False, True):
+        L.seed_everything(0)
+        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=16, val_size=16,
+                             download=False, steps_per_batch=3)
+        model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=3)
+        hook = CountsBackwardHooks()
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", precision=64, logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=[hook] if listening else [])
+        chosen = []
+        decide = model._plain_inner_steps
+        model._plain_inner_steps = lambda decide=decide, chosen=chosen: (
+            chosen.append(decide()) or chosen[-1])
+        trainer.fit(model, dm)
+        runs[listening] = (set(chosen), hook.calls, trainer.global_step, model.state_dict())
+    assert runs[False][0] == {True} and runs[True][0] == {False}
+    assert runs[True][1] == 15  # the listening callback saw every optimiser step
+    assert runs[False][2] == runs[True][2] == 15
+    torch.testing.assert_close(runs[False][3], runs[True][3], rtol=1e-12, atol=1e-12)

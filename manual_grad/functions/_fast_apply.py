@@ -56,6 +56,9 @@ def fast_apply(cls: type[Function]) -> type[Function]:
             args = args + defaults[len(args):]
         return twin.apply(*args)
 
+    # The graph node calls its class's ``apply``, which in torch looks up the user's
+    # backward in Python on every call; the twin's node calls backward directly.
+    twin._backward_cls.apply = cls.backward  # type: ignore[attr-defined]
     cls.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
     cls._eager_twin = twin  # type: ignore[attr-defined]
     return cls
