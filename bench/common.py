@@ -18,16 +18,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Timings(dict[str, list[float]]):
+    """Seconds per call of each fn, one entry per round (rounds line up across fns)."""
+
+    def median(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratio(self, name: str, base: str) -> float:
+        """Median over rounds of name's time over base's *in the same round*: the machine's
+        speed drifts (a shared 2-core VM here: +-30% over minutes), and pairing each
+        time with its neighbour cancels what the two rounds share."""
+        return statistics.median(a / b for a, b in zip(self[name], self[base], strict=True))
+
+
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 7,
-                warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn. The fns take turns, and the order rotates each
-    round, so drift and the after-effects of one fn (a large allocation, a cold cache)
-    fall on every fn alike."""
+                warmup: int = 2) -> Timings:
+    """Each fn timed once per round, ``repeats`` rounds. The fns take turns, and the order
+    rotates each round, so drift and the after-effects of one fn (a large allocation, a
+    cold cache) fall on every fn alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = Timings({name: [] for name in fns})
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
@@ -37,7 +50,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def machine(device: torch.device) -> str:

@@ -1,6 +1,7 @@
 """One training epoch through train.py's Lightning path against a plain PyTorch loop on the
 same data (60,000 synthetic MNIST-shaped images written as IDX files, so the real loading
-path runs), batch 64 and 4096, manual_grad layers.
+path runs), batch 64 and 4096, manual_grad layers. A plain-loop epoch runs right after
+each Lightning epoch, and the ratio is the median over epochs of each pair's ratio.
 
     python bench/lightning_epoch.py
 """
@@ -15,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from bench.common import devices, ms, table
+from bench.common import devices, ms, sync, table
 from manual_grad.training import MNISTDataModule, MNISTRegressor, RunReport
 
 
@@ -30,8 +31,46 @@ def write_synthetic_mnist(root: Path, n: int) -> None:
         (raw / name).write_bytes(header + t.numpy().tobytes())
 
 
-def lightning_epoch(data_dir: str, batch: int, device: torch.device, epochs: int,
-                    steps_per_batch: int = 1) -> float:
+class PlainLoop:
+    """The same model and data trained by a plain PyTorch loop, one epoch per call."""
+
+    def __init__(self, data_dir: str, batch: int, device: torch.device) -> None:
+        L.seed_everything(0, verbose=False)
+        dm = MNISTDataModule(data_dir=data_dir, batch_size=batch, download=False)
+        dm.setup("fit")
+        self.X, self.Y = (t.to(device) for t in dm.splits["train"])
+        self.model = MNISTRegressor(in_features=784).to(device)
+        self.opt = self.model.configure_optimizers()
+        self.batch, self.device = batch, device
+
+    def epoch(self) -> float:
+        model, opt, X, Y = self.model, self.opt, self.X, self.Y
+        sync(self.device)
+        start = time.perf_counter()
+        for idx in torch.randperm(len(X), device=self.device).split(self.batch):
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss_fn(model(X[idx]), Y[idx])
+            loss.backward()
+            opt.step()
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+class PlainEpochAfterEach(L.Callback):
+    """Runs one plain-loop epoch right after each Lightning epoch (after RunReport has
+    timed it), so each pair of epochs meets the machine at the same speed."""
+
+    def __init__(self, plain: PlainLoop) -> None:
+        self.plain, self.seconds = plain, []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds.append(self.plain.epoch())
+
+
+def paired_epochs(data_dir: str, batch: int, device: torch.device, epochs: int,
+                  steps_per_batch: int) -> tuple[float, float, float]:
+    """(median train.py epoch, median plain epoch, median of their per-epoch ratios)."""
+    plain = PlainEpochAfterEach(PlainLoop(data_dir, batch, device))
     L.seed_everything(0, verbose=False)
     dm = MNISTDataModule(data_dir=data_dir, batch_size=batch, download=False,
                          steps_per_batch=steps_per_batch)
@@ -42,37 +81,16 @@ def lightning_epoch(data_dir: str, batch: int, device: torch.device, epochs: int
         trainer = L.Trainer(max_epochs=epochs, accelerator=device.type, devices=1,
                             logger=CSVLogger(logs, name="bench"), enable_checkpointing=False,
                             enable_model_summary=False, limit_val_batches=0,
-                            callbacks=[report])
+                            callbacks=[report, plain])
         trainer.fit(MNISTRegressor(in_features=784, steps_per_batch=steps_per_batch), dm)
-    return statistics.median(report.epoch_seconds[1:])  # the first epoch warms up
-
-
-def plain_epoch(data_dir: str, batch: int, device: torch.device, epochs: int) -> list[float]:
-    L.seed_everything(0, verbose=False)
-    dm = MNISTDataModule(data_dir=data_dir, batch_size=batch, download=False)
-    dm.setup("fit")
-    X, Y = (t.to(device) for t in dm.splits["train"])
-    model = MNISTRegressor(in_features=784).to(device)
-    opt = model.configure_optimizers()
-    times = []
-    for _ in range(epochs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for idx in torch.randperm(len(X), device=device).split(batch):
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss_fn(model(X[idx]), Y[idx])
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[1:]  # the first epoch warms up
+    light, base = report.epoch_seconds[1:], plain.seconds[1:]  # the first epochs warm up
+    return (statistics.median(light), statistics.median(base),
+            statistics.median(a / b for a, b in zip(light, base, strict=True)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096])
     parser.add_argument("--steps-per-batch", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
@@ -81,14 +99,9 @@ def main() -> None:
         for device in devices():
             rows = []
             for batch in args.batches:
-                # the plain loop runs before and after the Lightning runs: drift in the
-                # machine's speed falls on both sides of the ratio
-                before = plain_epoch(tmp, batch, device, args.epochs)
-                light = {k: lightning_epoch(tmp, batch, device, args.epochs, k)
-                         for k in args.steps_per_batch}
-                plain = statistics.median(before + plain_epoch(tmp, batch, device, args.epochs))
-                for k, t in light.items():
-                    rows.append([str(batch), str(k), ms(plain), ms(t), f"{t / plain:.3f}"])
+                for k in args.steps_per_batch:
+                    light, plain, ratio = paired_epochs(tmp, batch, device, args.epochs, k)
+                    rows.append([str(batch), str(k), ms(plain), ms(light), f"{ratio:.3f}"])
             table("Epoch of 50,000 images: train.py (Lightning, resident data) vs a plain loop",
                   ["batch", "data.steps_per_batch", "plain loop ms", "train.py ms", "ratio"],
                   rows, device, "lightning_epoch")

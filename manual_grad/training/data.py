@@ -8,7 +8,7 @@ for validation, as the seed holds out 10,000 of MNIST's 60,000.
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,22 @@ SPLIT_FILES = {"train": "train", "test": "t10k"}
 TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
+class BatchGroup:
+    """Consecutive (x, y) batches for one Lightning step, each cut from the resident tensors
+    only when the training step reaches it: cutting the whole group at once would hold
+    all its copies in memory together (at batch 4096 and 32 steps, 400 MB)."""
+
+    def __init__(self, x: Tensor, y: Tensor, indices: Sequence[Tensor]) -> None:
+        self.x, self.y, self.indices = x, y, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in self.indices:
+            yield self.x[idx], self.y[idx]
+
+
 class ResidentLoader:
     """Batches cut by index from tensors that already sit on the training device.
 
@@ -35,7 +51,7 @@ class ResidentLoader:
     completed, so a run restored from a mid-epoch checkpoint continues with the
     very batches it had not yet trained on.
 
-    With ``group`` > 1 each item is a list of up to ``group`` consecutive (x, y)
+    With ``group`` > 1 each item is a BatchGroup of up to ``group`` consecutive (x, y)
     batches, which the model trains on one optimiser step each: Lightning's per-step
     work is then paid once per group.
     """
@@ -73,7 +89,7 @@ class ResidentLoader:
                 yield self.x[idx], self.y[idx]
             return
         for first in range(start * self.group, len(batches), self.group):
-            yield [(self.x[idx], self.y[idx]) for idx in batches[first : first + self.group]]
+            yield BatchGroup(self.x, self.y, batches[first : first + self.group])
 
     def state_dict(self) -> dict[str, int]:
         epoch, done = self.progress() if self.progress is not None else (self.epoch, 0)

@@ -83,8 +83,11 @@ class DigitModel(L.LightningModule):
         # automatic loop would take them, with Lightning's per-step work paid once
         opt = self.optimizers()
         plain = self._plain_inner_steps()
+        # the batches are cut lazily (data.BatchGroup), after Lightning's conversion of the
+        # step's input: convert each as it would have (e.g. to float64 under precision 64)
+        convert = self.trainer.precision_plugin.convert_input
         losses, sizes = [], []
-        for x, y in batch:
+        for x, y in map(convert, batch):
             opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(self(x), self.target(y))
             if plain:  # the plain loop's body, plus Lightning's step count (global_step)
