@@ -78,7 +78,7 @@ def test_defaults_are_filled_in_and_keywords_work():
     mean = MSELossFunction.apply(u, y)  # reduction left to forward's default
     assert type(mean.grad_fn)._forward_cls is MSELossFunction._eager_twin
     torch.testing.assert_close(mean, torch.nn.functional.mse_loss(u, y))
-    total = MSELossFunction.apply(u, y, reduction="sum")  # keywords: torch's own path
+    total = MSELossFunction.apply(u, y, reduction="sum")  # keywords, bound to positions
     torch.testing.assert_close(total, torch.nn.functional.mse_loss(u, y, reduction="sum"))
     (gu,) = torch.autograd.grad(total, u)
     torch.testing.assert_close(gu, 2 * (u - y))

@@ -11,8 +11,8 @@ forward.
 backward are the only math there is) and adds a twin in the combined style whose
 ``forward(ctx, *args)`` just calls the two: the same code, differently wired. The
 class's ``apply`` then takes the twin in plain eager mode and torch's own path whenever
-a torch.func transform is active, torch.compile is tracing, or keyword arguments are
-given.
+a torch.func transform is active or torch.compile is tracing. Keyword arguments are
+bound to ``forward``'s signature first, whichever path follows.
 """
 
 import inspect
@@ -48,10 +48,14 @@ def fast_apply(cls: type[Function]) -> type[Function]:
     })
 
     def apply(klass: type[Function], *args: Any, **kwargs: Any) -> Any:
-        if (torch.compiler.is_compiling() or kwargs or klass is not cls
+        if kwargs:  # bound here: torch 2.11's own apply passes keywords on and fails
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
+        if (torch.compiler.is_compiling() or klass is not cls
                 or not n_required <= len(args) <= n_params
                 or torch._C._are_functorch_transforms_active()):
-            return _torch_apply.__get__(None, klass)(*args, **kwargs)
+            return _torch_apply.__get__(None, klass)(*args)
         if len(args) < n_params:  # fill in forward's defaults, as torch's binding does
             args = args + defaults[len(args):]
         return twin.apply(*args)
