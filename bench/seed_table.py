@@ -44,6 +44,9 @@ def seed_table(device: torch.device, n: int, repeats: int) -> None:
         loss = MF.mse_loss(MF.relu(MF.linear(X, W, b)).squeeze(1), Y)
         loss.backward()
 
+    def manual_grad_single_pass():
+        MF.linear_relu_mse_loss(X, W, b, Y).backward()
+
     def native():
         loss = torch.nn.functional.mse_loss(torch.relu(X @ w + b).squeeze(1), Y)
         loss.backward()
@@ -53,6 +56,8 @@ def seed_table(device: torch.device, n: int, repeats: int) -> None:
         "w.g as a product, X.g by rows (reference.lin_grad_semi)": by_hand(R.lin_grad_semi),
         "fully vectorized, computes X.g (reference.lin_grad)": by_hand(R.lin_grad),
         "manual_grad.functional, parameters only": manual_grad_functional,
+        "manual_grad single pass (linear_relu_mse_loss), parameters only":
+            manual_grad_single_pass,
         "native autograd, parameters only": native,
     }
     times = interleaved(fns, device, repeats=repeats, warmup=1)

@@ -24,6 +24,7 @@ from manual_grad.functions import (
     LeakyReLUFunction,
     LinearFunction,
     LinearReLUFunction,
+    LinearReLUMSELossFunction,
     LogSoftmaxFunction,
     MaxPool2dFunction,
     MLPFunction,
@@ -153,6 +154,50 @@ def mlp(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
         raise TypeError(f"mlp: the second weight is {weight2.dtype} but the input is "
                         f"{input.dtype}; convert the layer, e.g. model.to(input.dtype).")
     return MLPFunction.apply(input, weight1, bias1, weight2, bias2)[0]
+
+
+def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                         reduction: str = "mean") -> Tensor:
+    """``mse_loss(relu(linear(input, weight, bias)), target, reduction=reduction)``, the
+    seed's whole computation, as one Function whose forward also sums the gradients while
+    each chunk of ``input`` is in cache: one pass over the input instead of two.
+
+    input: (n, in_features); target: (n, out_features), or (n,) when out_features is 1;
+    reduction 'mean' or 'sum'. Under autocast it runs as the three separate layers.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"linear_relu_mse_loss: reduction must be 'mean' or 'sum', got {reduction!r}; "
+            "for per-element losses use mse_loss(relu(linear(...)), target, "
+            "reduction='none').")
+    if _autocast_dtype(input) is not None:  # linear in the autocast dtype, the loss in fp32
+        return mse_loss(relu(linear(input, weight, bias)), target.view(-1, 1)
+                        if target.dim() == 1 and weight.shape[0] == 1 else target,
+                        reduction=reduction)
+    input, weight, bias = _linear_args("linear_relu_mse_loss", input, weight, bias)
+    if input.dim() != 2:
+        raise ValueError(f"linear_relu_mse_loss: input must be 2-D (n, in_features), got "
+                         f"shape {tuple(input.shape)}; flatten it first, e.g. input.flatten(1).")
+    wanted = (len(input), weight.shape[0])
+    if target.shape != wanted:
+        if wanted[1] == 1 and target.shape == wanted[:1]:
+            target = target.unsqueeze(1)  # (n,) against one output: the seed's layout
+        else:
+            raise ValueError(
+                f"linear_relu_mse_loss: target shape {tuple(target.shape)} does not match "
+                f"the output's {wanted}; give it the output's shape.")
+    _same_device("linear_relu_mse_loss", input=input, target=target)
+    if target.dtype != input.dtype:
+        raise TypeError(f"linear_relu_mse_loss: input is {input.dtype} but target is "
+                        f"{target.dtype}; convert the target, e.g. target.to(input.dtype).")
+    with_grads = None  # which gradients forward should sum (None: backward recomputes)
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
+        flags = (input.requires_grad, weight.requires_grad,
+                 bias is not None and bias.requires_grad, target.requires_grad)
+        with_grads = flags if any(flags) else None
+    return LinearReLUMSELossFunction.apply(input, weight, bias, target, reduction,
+                                           with_grads)[0]
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:

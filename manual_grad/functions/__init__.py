@@ -24,6 +24,7 @@ from manual_grad.functions.normalization import BatchNormFunction, LayerNormFunc
 from manual_grad.functions.pooling import AvgPool2dFunction, MaxPool2dFunction
 from manual_grad.functions.regularization import DropoutFunction
 from manual_grad.functions.shape import EmbeddingFunction, FlattenFunction
+from manual_grad.functions.single_pass import LinearReLUMSELossFunction
 
 __all__ = [
     "AvgPool2dFunction",
@@ -41,6 +42,7 @@ __all__ = [
     "LeakyReLUFunction",
     "LinearFunction",
     "LinearReLUFunction",
+    "LinearReLUMSELossFunction",
     "LogSoftmaxFunction",
     "MSELossFunction",
     "MaxPool2dFunction",
