@@ -82,7 +82,7 @@ class DigitModel(L.LightningModule):
         # a group of batches (data.steps_per_batch): one optimiser step each, as the
         # automatic loop would take them, with Lightning's per-step work paid once
         opt = self.optimizers()
-        plain = self._plain_inner_steps()
+        plain = self._plain_inner_steps() and hasattr(opt, "_on_after_step")
         # the batches are cut lazily (data.BatchGroup), after Lightning's conversion of the
         # step's input: convert each as it would have (e.g. to float64 under precision 64)
         convert = self.trainer.precision_plugin.convert_input
@@ -118,7 +118,10 @@ class DigitModel(L.LightningModule):
         (a 2-core CPU): they scale the loss for fp16, prepare DDP's reducer, and dispatch
         the on_before_backward / on_after_backward / on_before_optimizer_step hooks. On one
         device, without loss scaling, and with no callback or module overriding those hooks
-        or ``backward``, they do nothing else, so skipping them changes no result.
+        or ``backward``, they do nothing else, so skipping them changes no result. The
+        step still goes through the LightningOptimizer's ``_on_before_step`` /
+        ``_on_after_step``, the hooks Lightning's manual-optimisation loop installs to count
+        ``global_step`` (private API: where they are missing, the full path is taken).
         """
         trainer = self.trainer
         precision = trainer.precision_plugin
