@@ -42,3 +42,26 @@ def make_mnist_dir(root, n_train: int = 96, n_test: int = 32, seed: int = 0):
 @pytest.fixture
 def tiny_mnist(tmp_path):
     return make_mnist_dir(tmp_path / "data")
+
+
+def fit_grouped(data_dir, k: int, callbacks=(), **trainer_args):
+    """Fit the tiny regressor on data_dir with data.steps_per_batch = k, on the CPU.
+
+    Returns (trainer, model, choices): choices lists, for each grouped Lightning step,
+    whether it took the plain inner step (True) or Lightning's manual_backward path."""
+    import lightning as L
+
+    from manual_grad.training import MNISTDataModule, MNISTRegressor
+
+    L.seed_everything(0)
+    dm = MNISTDataModule(data_dir=str(data_dir), batch_size=16, val_size=16, download=False,
+                         steps_per_batch=k)
+    model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=k)
+    choices: list[bool] = []
+    decide = model._plain_inner_steps
+    model._plain_inner_steps = lambda: choices.append(decide()) or choices[-1]
+    trainer = L.Trainer(accelerator="cpu", enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=list(callbacks), **trainer_args)
+    trainer.fit(model, dm)
+    return trainer, model, choices

@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import fit_grouped
 from torch import nn
 
 import manual_grad
@@ -113,22 +114,9 @@ def test_losses_run_in_float32_under_autocast_as_in_torch(name):
 def test_lightning_bf16_mixed_grouped_steps_equal_single_steps(tiny_mnist):
     """bf16-mixed has no GradScaler, so grouped steps take the plain inner step; they still
     run under Lightning's autocast and take exactly the steps K = 1 takes."""
-    results = []
-    for k in (1, 3):
-        L.seed_everything(0)
-        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=16, val_size=16,
-                             download=False, steps_per_batch=k)
-        model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=k)
-        trainer = L.Trainer(max_epochs=2, accelerator="cpu", precision="bf16-mixed",
-                            logger=False, enable_progress_bar=False,
-                            enable_checkpointing=False, enable_model_summary=False)
-        chosen = []
-        decide = model._plain_inner_steps
-        model._plain_inner_steps = lambda decide=decide, chosen=chosen: (
-            chosen.append(decide()) or chosen[-1])
-        trainer.fit(model, dm)
-        results.append((trainer.global_step, model.state_dict(), set(chosen)))
-    (steps1, weights1, _), (steps3, weights3, chosen3) = results
-    assert chosen3 == {True}
-    assert steps1 == steps3
-    torch.testing.assert_close(weights3, weights1, rtol=0, atol=0)
+    (t1, m1, _), (t3, m3, choices3) = (
+        fit_grouped(tiny_mnist, k, max_epochs=2, precision="bf16-mixed", logger=False)
+        for k in (1, 3))
+    assert set(choices3) == {True}
+    assert t1.global_step == t3.global_step
+    torch.testing.assert_close(m3.state_dict(), m1.state_dict(), rtol=0, atol=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import fit_grouped
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -288,20 +289,10 @@ def test_grouped_steps_skip_lightnings_step_wrappers_only_when_nothing_listens(t
     callback needs Lightning's per-step hooks; then and otherwise the steps are the same."""
     runs = {}
     for listening in (False, True):
-        L.seed_everything(0)
-        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=16, val_size=16,
-                             download=False, steps_per_batch=3)
-        model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=3)
         hook = CountsBackwardHooks()
-        trainer = L.Trainer(max_epochs=3, accelerator="cpu", precision=64, logger=False,
-                            enable_progress_bar=False, enable_checkpointing=False,
-                            enable_model_summary=False, callbacks=[hook] if listening else [])
-        chosen = []
-        decide = model._plain_inner_steps
-        model._plain_inner_steps = lambda decide=decide, chosen=chosen: (
-            chosen.append(decide()) or chosen[-1])
-        trainer.fit(model, dm)
-        runs[listening] = (set(chosen), hook.calls, trainer.global_step, model.state_dict())
+        trainer, model, choices = fit_grouped(tiny_mnist, 3, [hook] if listening else [],
+                                              max_epochs=3, precision=64, logger=False)
+        runs[listening] = (set(choices), hook.calls, trainer.global_step, model.state_dict())
     assert runs[False][0] == {True} and runs[True][0] == {False}
     assert runs[True][1] == 15  # the listening callback saw every optimiser step
     assert runs[False][2] == runs[True][2] == 15
