@@ -99,3 +99,22 @@ def test_gradcheck_through_the_twin_and_through_torchs_path():
     assert torch.autograd.gradgradcheck(lambda *a: MLPFunction.apply(*a)[0], args)
     assert torch.autograd.gradcheck(lambda *a: torch_path(MLPFunction, *a)[0], args)
     assert torch.autograd.gradgradcheck(lambda *a: torch_path(MLPFunction, *a)[0], args)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_through_the_twin(use_reentrant):
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    import manual_grad
+
+    ours = nn.Sequential(manual_grad.Linear(6, 5), manual_grad.ReLU(), manual_grad.Linear(5, 1))
+    theirs = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    checkpoint(ours, xa, use_reentrant=use_reentrant).sum().backward()
+    theirs(xb).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
