@@ -128,3 +128,12 @@ def test_autocast_runs_the_separate_layers_like_torch():
         theirs = torch_loss(x, W, b, y)
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs)
+
+
+def test_non_contiguous_input_gets_a_gradient_of_its_own_layout(small_chunks):
+    x = torch.randn(5, 9, dtype=torch.float64).t().requires_grad_()  # (9, 5), strided
+    _, W, b, y = make(9, 5, 3)
+    (gx,) = torch.autograd.grad(MF.linear_relu_mse_loss(x, W, b, y), x)
+    x2 = x.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch_loss(x2, W, b, y), x2)
+    torch.testing.assert_close(gx, expected)
