@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU run: the whole test suite (on that machine's torch), a train.py run on
 # the GPU, and every benchmark's CUDA rows. Everything lands in $OUT (default: bench/results).
+# Env: PYTEST_TIMEOUT, CONFIGS, TRAIN_ARGS, BENCHES, BENCH_TIMEOUT (per bench script).
 # Needs .whl/ (jsonargparse and its two helpers; see README "Performance") and .gpu_data/
 # (the MNIST t10k files) carried along.
 set -uo pipefail
@@ -29,7 +30,7 @@ done; done
 cd "$OLDPWD"
 export BENCH_DEVICES=cuda
 for b in ${BENCHES:-seed_table train_step memory lightning_epoch}; do
-  timeout 150 python3 -m bench.$b 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
+  timeout ${BENCH_TIMEOUT:-240} python3 -m bench.$b 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
 done
 cp bench/results/*-cuda.md "$OUT/" 2>/dev/null
 exit 0
