@@ -118,3 +118,14 @@ def test_activation_checkpointing_recomputes_through_the_twin(use_reentrant):
     torch.testing.assert_close(xa.grad, xb.grad)
     for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_subclass_goes_through_torchs_path_as_itself():
+    class Sub(LinearFunction):  # a user's subclass (it might override any method)
+        pass
+
+    x, W1, b1, *_ = inputs()
+    y = Sub.apply(x, W1, b1)
+    assert type(y.grad_fn)._forward_cls is Sub
+    (gW,) = torch.autograd.grad(y.sum(), W1)
+    torch.testing.assert_close(gW, x.detach().sum(0).expand_as(W1))

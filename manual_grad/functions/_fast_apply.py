@@ -48,12 +48,13 @@ def fast_apply(cls: type[Function]) -> type[Function]:
     })
 
     def apply(klass: type[Function], *args: Any, **kwargs: Any) -> Any:
+        if klass is not cls:  # a subclass, perhaps with another forward: torch's path
+            return _torch_apply.__get__(None, klass)(*args, **kwargs)
         if kwargs:  # bound here: torch 2.11's own apply passes keywords on and fails
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             args = bound.args
-        if (torch.compiler.is_compiling() or klass is not cls
-                or not n_required <= len(args) <= n_params
+        if (torch.compiler.is_compiling() or not n_required <= len(args) <= n_params
                 or torch._C._are_functorch_transforms_active()):
             return _torch_apply.__get__(None, klass)(*args)
         if len(args) < n_params:  # fill in forward's defaults, as torch's binding does
