@@ -36,7 +36,7 @@ class Conv2dFunction(Function):
         x, W, b, ctx.stride, ctx.padding, ctx.dilation, ctx.groups = inputs
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
                               W if ctx.needs_input_grad[0] else None)
-        ctx.x_shape, ctx.w_shape, ctx.has_bias = x.shape, W.shape, b is not None
+        ctx.x_shape, ctx.w_shape = x.shape, W.shape
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -56,6 +56,6 @@ class Conv2dFunction(Function):
         if ctx.needs_input_grad[1]:
             cols = F.unfold(x, **unfold).reshape(N, G, Cg * kh * kw, L)
             grad_W = torch.einsum("ngol,ngkl->gok", g_cols, cols).reshape(Out, Cg, kh, kw)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_b = g.sum((0, 2, 3))
         return grad_x, grad_W, grad_b, None, None, None, None

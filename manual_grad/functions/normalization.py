@@ -47,9 +47,8 @@ class LayerNormFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, ctx.k, w, b, ctx.eps = inputs
+        x, ctx.k, w, _, ctx.eps = inputs
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -61,7 +60,7 @@ class LayerNormFunction(Function):
         xhat = (x - mean) * rstd
         grad_x = _normalize_backward(g, xhat, rstd, w, dims) if ctx.needs_input_grad[0] else None
         grad_w = (g * xhat).sum(batch_dims) if ctx.needs_input_grad[2] else None
-        grad_b = g.sum(batch_dims) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        grad_b = g.sum(batch_dims) if ctx.needs_input_grad[3] else None  # False without bias
         return grad_x, None, grad_w, grad_b, None
 
 
@@ -95,9 +94,8 @@ class BatchNormFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, w, b, mean, var, ctx.eps = inputs
+        x, w, _, mean, var, ctx.eps = inputs
         ctx.save_for_backward(x, w, mean, var)
-        ctx.has_bias = b is not None
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -118,5 +116,5 @@ class BatchNormFunction(Function):
             else:
                 grad_x = g * rstd * wv if wv is not None else g * rstd
         grad_w = (g * xhat).sum(dims) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_b = g.sum(dims) if ctx.needs_input_grad[2] else None  # False without bias
         return grad_x, grad_w, grad_b, None, None, None

@@ -96,7 +96,7 @@ class LinearReLUMSELossFunction(Function):
         ctx.mark_non_differentiable(*(t for t in grads if t is not None))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, W, b, y, *grads)
-        ctx.reduction, ctx.precomputed = reduction, with_grads
+        ctx.reduction, ctx.precomputed = reduction, with_grads is not None
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
@@ -104,7 +104,7 @@ class LinearReLUMSELossFunction(Function):
         need = ctx.needs_input_grad[:4]
         if g is None or not any(need):
             return None, None, None, None, None, None
-        if (ctx.precomputed is not None and not torch.is_grad_enabled()
+        if (ctx.precomputed and not torch.is_grad_enabled()
                 and all(t is not None for t, wanted in zip(grads, need, strict=True) if wanted)):
             # each gradient was summed for g = 1 in forward: scale it (a scalar product)
             return (*(t * g if t is not None and wanted else None
