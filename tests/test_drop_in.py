@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import manual_grad
 
@@ -92,3 +93,45 @@ def test_cuda_autocast_follows_torch_dtypes(dtype):
     for p1, p2 in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert p1.grad.dtype == torch.float32
         torch.testing.assert_close(p1.grad, p2.grad, rtol=5e-2, atol=5e-3)
+
+
+def _reparametrize(kind, layer):
+    """Apply a torch.nn.utils tool that moves ``weight`` (and ``bias``) out of the
+    layer's _parameters, deterministically."""
+    if kind == "prune":
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+        prune.l1_unstructured(layer, "bias", amount=0.5)
+    elif kind == "weight_norm":
+        parametrizations.weight_norm(layer)
+    else:
+        class Double(nn.Module):
+            def forward(self, t):
+                return 2 * t
+        parametrize.register_parametrization(layer, "weight", Double())
+        parametrize.register_parametrization(layer, "bias", Double())
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "parametrize"])
+@pytest.mark.parametrize("block", ["Linear", "FusedMLP"])
+def test_pruning_weight_norm_and_parametrizations_reach_the_hand_derived_layers(kind, block):
+    # these tools replace layer.weight by a computed tensor; the fast parameter reads in
+    # forward must still see it, and the gradients must reach the new leaves
+    torch.manual_seed(0)
+    if block == "Linear":
+        ours, theirs = manual_grad.Linear(6, 4, dtype=torch.float64), nn.Linear(6, 4,
+                                                                              dtype=torch.float64)
+    else:
+        ours = manual_grad.FusedMLP(6, 5, 4, dtype=torch.float64)
+        theirs = nn.Sequential(nn.Linear(6, 5, dtype=torch.float64), nn.ReLU(),
+                               nn.Linear(5, 4, dtype=torch.float64))
+    theirs.load_state_dict(ours.state_dict())
+    for module in (ours, theirs):
+        _reparametrize(kind, module if block == "Linear" else module[0])
+    x = torch.randn(7, 6, dtype=torch.float64)
+    out = ours(x)
+    torch.testing.assert_close(out, theirs(x))
+    out.square().sum().backward()
+    theirs(x).square().sum().backward()
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
