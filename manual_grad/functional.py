@@ -28,6 +28,7 @@ from manual_grad.functions import (
     LogSoftmaxFunction,
     MaxPool2dFunction,
     MLPFunction,
+    MLPMSELossFunction,
     MSELossFunction,
     ReLUFunction,
     SigmoidFunction,
@@ -136,24 +137,71 @@ def linear_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     return LinearReLUFunction.apply(*_linear_args("linear_relu", input, weight, bias))
 
 
-def mlp(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
-        bias2: Tensor | None) -> Tensor:
-    """linear(relu(linear(input, weight1, bias1)), weight2, bias2) in one fused Function."""
-    input, weight1, bias1 = _linear_args("mlp", input, weight1, bias1)
+def _mlp_args(layer: str, input: Tensor, weight1: Tensor, bias1: Tensor | None,
+              weight2: Tensor, bias2: Tensor | None) -> tuple[Tensor, ...]:
+    """Check a linear -> ReLU -> linear block's arguments (cast under autocast)."""
+    input, weight1, bias1 = _linear_args(layer, input, weight1, bias1)
     if weight2.dim() != 2 or weight2.shape[1] != weight1.shape[0]:
         raise ValueError(
-            f"mlp: the second weight must have shape (out_features, {weight1.shape[0]}) to "
-            f"follow the first layer's {weight1.shape[0]} outputs, got {tuple(weight2.shape)}")
+            f"{layer}: the second weight must have shape (out_features, {weight1.shape[0]}) "
+            f"to follow the first layer's {weight1.shape[0]} outputs, got "
+            f"{tuple(weight2.shape)}")
     if bias2 is not None and bias2.shape != (weight2.shape[0],):
-        raise ValueError(f"mlp: the second bias must have shape ({weight2.shape[0]},), got "
-                         f"{tuple(bias2.shape)}")
+        raise ValueError(f"{layer}: the second bias must have shape ({weight2.shape[0]},), "
+                         f"got {tuple(bias2.shape)}")
     cast = _autocast_dtype(input)
     if cast is not None:  # under autocast the second layer runs in the autocast dtype too
         weight2, bias2 = _autocast(weight2, cast), _autocast(bias2, cast)
     if weight2.dtype != input.dtype:
-        raise TypeError(f"mlp: the second weight is {weight2.dtype} but the input is "
+        raise TypeError(f"{layer}: the second weight is {weight2.dtype} but the input is "
                         f"{input.dtype}; convert the layer, e.g. model.to(input.dtype).")
-    return MLPFunction.apply(input, weight1, bias1, weight2, bias2)[0]
+    return input, weight1, bias1, weight2, bias2
+
+
+def mlp(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
+        bias2: Tensor | None) -> Tensor:
+    """linear(relu(linear(input, weight1, bias1)), weight2, bias2) in one fused Function."""
+    return MLPFunction.apply(*_mlp_args("mlp", input, weight1, bias1, weight2, bias2))[0]
+
+
+def _single_pass_checks(layer: str, input: Tensor, out_features: int, target: Tensor,
+                        reduction: str) -> Tensor:
+    """Check a single-pass loss's input, target and reduction; the target, as (n, out)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"{layer}: reduction must be 'mean' or 'sum', got {reduction!r}; for "
+            "per-element losses compute the output and use mse_loss(..., reduction='none').")
+    if input.dim() != 2:
+        raise ValueError(f"{layer}: input must be 2-D (n, in_features), got shape "
+                         f"{tuple(input.shape)}; flatten it first, e.g. input.flatten(1).")
+    wanted = (len(input), out_features)
+    if target.shape != wanted:
+        if out_features == 1 and target.shape == wanted[:1]:
+            target = target.unsqueeze(1)  # (n,) against one output: the seed's layout
+        else:
+            raise ValueError(
+                f"{layer}: target shape {tuple(target.shape)} does not match the output's "
+                f"{wanted}; give it the output's shape.")
+    _same_device(layer, input=input, target=target)
+    if target.dtype != input.dtype:
+        raise TypeError(f"{layer}: input is {input.dtype} but target is {target.dtype}; "
+                        "convert the target, e.g. target.to(input.dtype).")
+    return target
+
+
+def _may_sum_gradients() -> bool:
+    """Whether a single-pass forward may sum gradients: not when none are wanted, nor in
+    torch.func transforms or torch.compile, where backward recomputes them instead."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _with_grads(*tensors: Tensor | None) -> tuple[bool, ...] | None:
+    """Which of ``tensors`` a single-pass forward should sum gradients for (None: none)."""
+    if not _may_sum_gradients():
+        return None
+    flags = tuple(t is not None and t.requires_grad for t in tensors)
+    return flags if any(flags) else None
 
 
 def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
@@ -165,39 +213,61 @@ def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, tar
     input: (n, in_features); target: (n, out_features), or (n,) when out_features is 1;
     reduction 'mean' or 'sum'. Under autocast it runs as the three separate layers.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"linear_relu_mse_loss: reduction must be 'mean' or 'sum', got {reduction!r}; "
-            "for per-element losses use mse_loss(relu(linear(...)), target, "
-            "reduction='none').")
+    layer = "linear_relu_mse_loss"
     if _autocast_dtype(input) is not None:  # linear in the autocast dtype, the loss in fp32
-        return mse_loss(relu(linear(input, weight, bias)), target.view(-1, 1)
-                        if target.dim() == 1 and weight.shape[0] == 1 else target,
-                        reduction=reduction)
-    input, weight, bias = _linear_args("linear_relu_mse_loss", input, weight, bias)
-    if input.dim() != 2:
-        raise ValueError(f"linear_relu_mse_loss: input must be 2-D (n, in_features), got "
-                         f"shape {tuple(input.shape)}; flatten it first, e.g. input.flatten(1).")
-    wanted = (len(input), weight.shape[0])
-    if target.shape != wanted:
-        if wanted[1] == 1 and target.shape == wanted[:1]:
-            target = target.unsqueeze(1)  # (n,) against one output: the seed's layout
-        else:
-            raise ValueError(
-                f"linear_relu_mse_loss: target shape {tuple(target.shape)} does not match "
-                f"the output's {wanted}; give it the output's shape.")
-    _same_device("linear_relu_mse_loss", input=input, target=target)
-    if target.dtype != input.dtype:
-        raise TypeError(f"linear_relu_mse_loss: input is {input.dtype} but target is "
-                        f"{target.dtype}; convert the target, e.g. target.to(input.dtype).")
-    with_grads = None  # which gradients forward should sum (None: backward recomputes)
-    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):
-        flags = (input.requires_grad, weight.requires_grad,
-                 bias is not None and bias.requires_grad, target.requires_grad)
-        with_grads = flags if any(flags) else None
+        output = relu(linear(input, weight, bias))
+        target = _single_pass_checks(layer, input, weight.shape[0], target, reduction)
+        return mse_loss(output, target, reduction=reduction)
+    input, weight, bias = _linear_args(layer, input, weight, bias)
+    target = _single_pass_checks(layer, input, weight.shape[0], target, reduction)
     return LinearReLUMSELossFunction.apply(input, weight, bias, target, reduction,
-                                           with_grads)[0]
+                                           _with_grads(input, weight, bias, target))[0]
+
+
+def mlp_mse_loss(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
+                 bias2: Tensor | None, target: Tensor, reduction: str = "mean") -> Tensor:
+    """``mse_loss(mlp(input, weight1, bias1, weight2, bias2), target, reduction=reduction)``
+    as one Function whose forward also sums every gradient (``MLPMSELossFunction``): a
+    training step's gradients from one Python call forward and one backward.
+
+    input: (n, in_features); target: (n, out_features), or (n,) when out_features is 1;
+    reduction 'mean' or 'sum'. Under autocast it runs as ``mlp`` then ``mse_loss``.
+    """
+    shape1, shape2, dtype = weight1.shape, weight2.shape, input.dtype
+    if (len(shape1) == 2 and len(shape2) == 2 and input.dim() == 2
+            and input.shape[1] == shape1[1] and shape2[1] == shape1[0]
+            and weight1.dtype == dtype and weight2.dtype == dtype and target.dtype == dtype
+            and (bias1 is None or (bias1.shape == shape1[:1] and bias1.dtype == dtype))
+            and (bias2 is None or (bias2.shape == shape2[:1] and bias2.dtype == dtype))
+            and (target.shape == (len(input), shape2[0])
+                 or (shape2[0] == 1 and target.shape == input.shape[:1]))
+            and reduction in ("mean", "sum") and not torch.is_autocast_enabled(
+                input.device.type)):
+        # The usual call, settled in a few reads (the full checks below cost ~5 us a step;
+        # tensors on two devices make torch's ops fail, and are named then).
+        if target.dim() == 1:
+            target = target.unsqueeze(1)
+        with_grads = None
+        if _may_sum_gradients():
+            with_grads = (input.requires_grad, weight1.requires_grad,
+                          bias1 is not None and bias1.requires_grad, weight2.requires_grad,
+                          bias2 is not None and bias2.requires_grad, target.requires_grad)
+        try:
+            return MLPMSELossFunction.apply(input, weight1, bias1, weight2, bias2, target,
+                                            reduction, with_grads)[0]
+        except RuntimeError:
+            _same_device("mlp_mse_loss", input=input, weight1=weight1, bias1=bias1,
+                         weight2=weight2, bias2=bias2, target=target)
+            raise
+    layer = "mlp_mse_loss"
+    if _autocast_dtype(input) is not None:  # the block in the autocast dtype, loss in fp32
+        output = mlp(input, weight1, bias1, weight2, bias2)
+        target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
+        return mse_loss(output, target, reduction=reduction)
+    tensors = _mlp_args(layer, input, weight1, bias1, weight2, bias2)
+    target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
+    return MLPMSELossFunction.apply(*tensors, target, reduction,
+                                    _with_grads(*tensors, target))[0]
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:

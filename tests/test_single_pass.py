@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
 
+import manual_grad
 from manual_grad import functional as MF
 from manual_grad.functions import single_pass
 
@@ -137,3 +138,141 @@ def test_non_contiguous_input_gets_a_gradient_of_its_own_layout(small_chunks):
     x2 = x.detach().clone().requires_grad_()
     (expected,) = torch.autograd.grad(torch_loss(x2, W, b, y), x2)
     torch.testing.assert_close(gx, expected)
+
+
+# --- mlp_mse_loss: FusedMLP's linear -> ReLU -> linear and the loss, one Function ---
+
+def make_mlp(n, d_in, hidden, d_out, dtype=torch.float64, bias=True, seed=0, grad_x=True,
+             grad_y=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, grad=True, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(grad)
+
+    # weights at nn.Linear's scale, 1/sqrt(fan_in): activations stay of order one
+    return (t(n, d_in, grad=grad_x), t(hidden, d_in, scale=d_in ** -0.5),
+            t(hidden) if bias else None, t(d_out, hidden, scale=hidden ** -0.5),
+            t(d_out) if bias else None, t(n, d_out, grad=grad_y))
+
+
+def torch_mlp_loss(x, W1, b1, W2, b2, y, reduction="mean"):
+    return TF.mse_loss(TF.linear(torch.relu(TF.linear(x, W1, b1)), W2, b2), y,
+                       reduction=reduction)
+
+
+def leaves(args):
+    return tuple(t for t in args if t is not None and t.requires_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_gradcheck_and_gradgradcheck(small_chunks, reduction, bias):
+    x, W1, b1, W2, b2, y = make_mlp(7, 5, 4, 3, bias=bias, grad_y=True)
+
+    def f(x, W1, W2, y, *biases):
+        b1, b2 = biases or (None, None)
+        return MF.mlp_mse_loss(x, W1, b1, W2, b2, y, reduction)
+
+    args = (x, W1, W2, y, *((b1, b2) if bias else ()))
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "d_in", "hidden", "d_out"),
+                         [(7, 5, 4, 3), (64, 784, 50, 1), (1, 4, 3, 2), (0, 3, 4, 2)])
+def test_mlp_matches_torch_nn(small_chunks, dtype, n, d_in, hidden, d_out):
+    ours = make_mlp(n, d_in, hidden, d_out, dtype, grad_y=True)
+    theirs = make_mlp(n, d_in, hidden, d_out, dtype, grad_y=True)
+    loss, expected = MF.mlp_mse_loss(*ours), torch_mlp_loss(*theirs)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(loss, expected, equal_nan=True, **tol)
+    for a, b in zip(torch.autograd.grad(loss, ours), torch.autograd.grad(expected, theirs),
+                    strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_mlp_mse_loss_is_the_loss_of_its_output_and_steps_like_torch_nn():
+    torch.manual_seed(0)
+    ours = manual_grad.FusedMLP(784, 50, 1)
+    theirs = torch.nn.Sequential(torch.nn.Linear(784, 50), torch.nn.ReLU(),
+                                 torch.nn.Linear(50, 1))
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.05)
+    x, y = torch.randn(300, 784), torch.randint(0, 10, (300,)).float()
+    for step in range(3):  # (n,) targets against one output: the seed's layout
+        for opt in (opt_ours, opt_theirs):
+            opt.zero_grad()
+        loss = ours.mse_loss(x, y)
+        expected = torch.nn.functional.mse_loss(theirs(x).squeeze(-1), y)
+        torch.testing.assert_close(loss, expected, msg=f"step {step}")
+        loss.backward()
+        expected.backward()
+        for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(p1.grad, p2.grad, msg=f"step {step}: {name}")
+        opt_ours.step()
+        opt_theirs.step()
+
+
+def test_mlp_gradients_only_where_asked_and_each_backward_its_own():
+    x, W1, b1, W2, b2, y = make_mlp(9, 4, 5, 2, grad_x=False)
+    W2.requires_grad_(False)
+    loss = MF.mlp_mse_loss(x, W1, b1, W2, b2, y)
+    loss.backward(retain_graph=True)
+    first = W1.grad.clone()
+    assert W2.grad is None and x.grad is None
+    loss.backward(retain_graph=True)  # a second pass: the sums were used, so recomputed
+    torch.testing.assert_close(W1.grad, 2 * first)
+    W1.grad.zero_()  # what a user does to .grad never reaches a later backward
+    (loss * 3.0).backward()  # and an incoming gradient other than 1 scales them
+    (expected,) = torch.autograd.grad(torch_mlp_loss(x, W1, b1, W2, b2, y) * 3.0, W1)
+    torch.testing.assert_close(W1.grad, expected)
+
+
+def test_mlp_no_grad_vmap_and_compile():
+    x, W1, b1, W2, b2, y = make_mlp(6, 4, 5, 2, grad_x=False)
+    with torch.no_grad():
+        loss = MF.mlp_mse_loss(x, W1, b1, W2, b2, y)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, torch_mlp_loss(x, W1, b1, W2, b2, y).detach())
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda W, xi, yi: MF.mlp_mse_loss(xi[None], W, b1.detach(), W2.detach(),
+                                          b2.detach(), yi[None])),
+        in_dims=(None, 0, 0))(W1.detach(), x, y)
+    expected = torch.stack([torch.autograd.grad(
+        torch_mlp_loss(x[i:i + 1], W1, b1, W2, b2, y[i:i + 1]), W1)[0] for i in range(6)])
+    torch.testing.assert_close(per_sample, expected)
+    compiled = torch.compile(MF.mlp_mse_loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, W1, b1, W2, b2, y), (W1, W2))
+    want = torch.autograd.grad(torch_mlp_loss(x, W1, b1, W2, b2, y), (W1, W2))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"y": torch.randn(4, 3)}, r"target shape"),
+        ({"b1": torch.randn(1)}, r"second|bias must have shape"),
+        ({"W2": torch.randn(2, 4)}, r"second weight must have shape"),
+        ({"y": torch.randn(4, 2, dtype=torch.float64)}, r"target\.to\(input\.dtype\)"),
+        ({"x": torch.randn(4, 5)}, r"in_features"),
+        ({"reduction": "none"}, r"reduction='none'"),
+    ],
+)
+def test_mlp_bad_input_is_named(change, message):
+    args = dict(zip(("x", "W1", "b1", "W2", "b2", "y"),
+                    make_mlp(4, 3, 5, 2, torch.float32, grad_x=False), strict=True))
+    args["reduction"] = "mean"
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        MF.mlp_mse_loss(*args.values())
+
+
+def test_mlp_autocast_runs_the_block_then_the_loss_like_torch():
+    x, W1, b1, W2, b2, y = make_mlp(8, 6, 5, 2, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = MF.mlp_mse_loss(x, W1, b1, W2, b2, y)
+        theirs = torch_mlp_loss(x, W1, b1, W2, b2, y)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)

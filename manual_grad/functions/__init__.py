@@ -24,7 +24,7 @@ from manual_grad.functions.normalization import BatchNormFunction, LayerNormFunc
 from manual_grad.functions.pooling import AvgPool2dFunction, MaxPool2dFunction
 from manual_grad.functions.regularization import DropoutFunction
 from manual_grad.functions.shape import EmbeddingFunction, FlattenFunction
-from manual_grad.functions.single_pass import LinearReLUMSELossFunction
+from manual_grad.functions.single_pass import LinearReLUMSELossFunction, MLPMSELossFunction
 
 __all__ = [
     "AvgPool2dFunction",
@@ -47,6 +47,7 @@ __all__ = [
     "MSELossFunction",
     "MaxPool2dFunction",
     "MLPFunction",
+    "MLPMSELossFunction",
     "ReLUFunction",
     "SiLUFunction",
     "SigmoidFunction",

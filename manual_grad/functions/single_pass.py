@@ -1,13 +1,17 @@
-"""The seed's whole computation, linear -> ReLU -> MSE, with its gradients in one pass.
+"""Whole computations with their gradients in one pass: the seed's linear -> ReLU -> MSE,
+and FusedMLP's linear -> ReLU -> linear -> MSE.
 
 Autograd runs a forward pass over the inputs and then a backward pass over them again:
 for the seed's 50,000 x 784 images (157 MB in float32, far more than any cache) that is
 two trips through memory, and on a CPU those trips are most of the time. But every row's
 gradient depends only on that row, so the gradients can be summed while the rows are
 still in cache: here they are computed during the forward pass, a few thousand rows at a
-time, and backward only scales them by the incoming gradient.
+time, and backward only scales them by the incoming gradient. For a small batch the gain
+is the other one: a whole training step's gradients come from one Python call forward
+and one backward, with no graph of intermediate nodes.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +19,6 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._fast_apply import fast_apply
-from manual_grad.functions.activations import relu_mask
 from manual_grad.functions.linear import affine
 
 CHUNK_BYTES = 4 << 20  # rows per chunk: ~4 MB of input, which stays in a CPU's cache
@@ -30,6 +33,61 @@ def _scale(reduction: str, numel: int) -> float:
 def _reduce(total: Tensor, reduction: str, numel: int) -> Tensor:
     """The loss from the sum of squares; the mean of nothing is NaN, as in torch."""
     return total / numel if reduction == "mean" else total
+
+
+def _chunk_rows(x: Tensor) -> int:
+    """Rows per chunk: ~CHUNK_BYTES of x on a CPU; all of them on a GPU (no cache to fit)."""
+    if x.device.type != "cpu":
+        return max(1, len(x))
+    return max(1, CHUNK_BYTES // max(1, x.shape[1] * x.element_size()))
+
+
+def _sum_into(total: Tensor | None, part: Tensor) -> Tensor:
+    """total + part, in place after the first chunk (the first chunk's part is the total)."""
+    return part if total is None else total.add_(part)
+
+
+def _mm_into(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """total + a @ b, in place after the first chunk (addmm_: no temporary product)."""
+    return a @ b if total is None else total.addmm_(a, b)
+
+
+def _unit_mask(u: Tensor) -> Tensor:
+    """(u > 0) for u = max(0, z) >= 0, as one op: u.sign() is 1 where u > 0, else 0.
+
+    It also gives 0 where u is NaN, where torch's ReLU lets the gradient through. Here that
+    makes no difference: a NaN unit makes its row's loss NaN, so the gradient that reaches
+    it is NaN too, and NaN * 0 is NaN, as is what torch passes on."""
+    return u.sign()
+
+
+def _keep(ctx: Any, tensors: list[Tensor | None], reduction: str,
+          grads: list[Tensor | None], with_grads: tuple[bool, ...] | None) -> None:
+    """setup_context of both Functions: the inputs, and the sums forward made (if any)."""
+    ctx.mark_non_differentiable(*(t for t in grads if t is not None))
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors)
+    # The sums are kept on ctx, not saved: nothing but backward sees them, and backward
+    # takes them (each is used once), so the gradients it returns are its caller's alone
+    # (AccumulateGrad can take them as .grad without a copy).
+    ctx.reduction, ctx.sums, ctx.precomputed = reduction, grads, with_grads is not None
+
+
+def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
+               resum: Callable[[], tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...] | None:
+    """The gradients forward summed for g = 1, times g; None when backward must recompute
+    them differentiably (double backward, or no sums were made: transforms, compile).
+    A second backward through a retained graph finds them taken and calls ``resum``,
+    which sums them again the same way, so that every backward gives the same bits."""
+    if not ctx.precomputed or torch.is_grad_enabled():
+        return None
+    sums, ctx.sums = ctx.sums, None
+    if sums is None:
+        sums = resum()
+    if not (g.device.type == "cpu" and g.item() == 1.0):  # 1: loss.backward()'s own g
+        sums = [t.mul_(g) if t is not None else None for t in sums]
+    return tuple(t if wanted else None for t, wanted in zip(sums, need, strict=True)) + \
+        (None,) * (n_args - len(sums))
 
 
 @fast_apply
@@ -49,10 +107,11 @@ class LinearReLUMSELossFunction(Function):
 
     ``forward`` (when ``with_grads`` says which of x, W, b, y will need gradients) sums
     these for g = 1 chunk by chunk, while each chunk of x is in cache, and returns them
-    as extra outputs; ``backward`` multiplies them by g. When a graph of the backward
-    itself is wanted (double backward), or they were not computed (inside torch.func
-    transforms and torch.compile), ``backward`` recomputes the same lines from x, W, b, y
-    with differentiable ops.
+    as extra outputs; ``backward`` takes them and multiplies them by g, in place (they
+    are not the caller's: ``linear_relu_mse_loss`` returns the loss alone). When a graph
+    of the backward itself is wanted (double backward), or they were not computed (inside
+    torch.func transforms and torch.compile), ``backward`` recomputes the same lines from
+    x, W, b, y with differentiable ops.
     """
 
     generate_vmap_rule = True
@@ -65,56 +124,148 @@ class LinearReLUMSELossFunction(Function):
             return _reduce(d.square().sum(), reduction, d.numel()), None, None, None, None
         need_x, need_W, need_b, need_y = with_grads
         s2 = 2.0 * _scale(reduction, y.numel())
-        total = x.new_zeros(())
-        grad_W = torch.zeros_like(W) if need_W else None
-        grad_b = torch.zeros_like(b) if need_b and b is not None else None
+        total = grad_W = grad_b = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
-        rows = len(x) if x.device.type != "cpu" else \
-            max(1, CHUNK_BYTES // max(1, x.shape[1] * x.element_size()))
+        rows = _chunk_rows(x)
         for start in range(0, len(x), rows):
-            xc, yc = x[start : start + rows], y[start : start + rows]
+            xc, yc = (x, y) if rows >= len(x) else (x[start : start + rows],
+                                                     y[start : start + rows])
             u = affine(xc, W, b).clamp_min_(0.0)
             d = u - yc
-            total += d.square().sum()
-            grad_u = d * s2  # dC/du for g = 1
-            grad_z = grad_u * relu_mask(u)
-            if grad_W is not None:
-                grad_W.addmm_(grad_z.t(), xc)  # += dC/dz^T x, this chunk's rows
-            if grad_b is not None:
-                grad_b += grad_z.sum(0)
+            total = _sum_into(total, d.square().sum())
+            grad_u = d.mul_(s2)  # dC/du for g = 1 (d is not needed any more)
+            grad_z = grad_u * _unit_mask(u)
+            if need_W:
+                grad_W = _mm_into(grad_W, grad_z.t(), xc)  # += dC/dz^T x, this chunk's rows
+            if need_b and b is not None:
+                grad_b = _sum_into(grad_b, grad_z.sum(0))
             if grad_x is not None:
                 torch.mm(grad_z, W, out=grad_x[start : start + rows])
             if grad_y is not None:
                 torch.neg(grad_u, out=grad_y[start : start + rows])
+        if total is None:  # no rows: zero sums
+            total = x.new_zeros(())
+            grad_W = torch.zeros_like(W) if need_W else None
+            grad_b = torch.zeros_like(b) if need_b and b is not None else None
         return _reduce(total, reduction, y.numel()), grad_x, grad_W, grad_b, grad_y
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        x, W, b, y, reduction, with_grads = inputs
-        _, *grads = output
-        ctx.mark_non_differentiable(*(t for t in grads if t is not None))
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, W, b, y, *grads)
-        ctx.reduction, ctx.precomputed = reduction, with_grads is not None
+        *tensors, reduction, with_grads = inputs
+        _keep(ctx, tensors, reduction, list(output[1:]), with_grads)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        x, W, b, y, *grads = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
         if g is None or not any(need):
             return None, None, None, None, None, None
-        if (ctx.precomputed and not torch.is_grad_enabled()
-                and all(t is not None for t, wanted in zip(grads, need, strict=True) if wanted)):
-            # each gradient was summed for g = 1 in forward: scale it (a scalar product)
-            return (*(t * g if t is not None and wanted else None
-                      for t, wanted in zip(grads, need, strict=True)), None, None)
+        # each gradient was summed for g = 1 in forward: scale it (a scalar product)
+        x, W, b, y = ctx.saved_tensors
+        sums = _take_sums(ctx, need, g, 6, lambda: LinearReLUMSELossFunction.forward(
+            x, W, b, y, ctx.reduction, need)[1:])
+        if sums is not None:
+            return sums
         # the same lines, from the saved inputs, with ops autograd can differentiate again
         u = affine(x, W, b).clamp_min(0.0)
         grad_u = (u - y) * (2.0 * _scale(ctx.reduction, y.numel()) * g)
-        grad_z = grad_u * relu_mask(u)
+        grad_z = grad_u * _unit_mask(u)
         grad_x = grad_z @ W if need[0] else None
         grad_W = grad_z.t() @ x if need[1] else None
         grad_b = grad_z.sum(0) if need[2] else None
         grad_y = -grad_u if need[3] else None
         return grad_x, grad_W, grad_b, grad_y, None, None
+
+
+@fast_apply
+class MLPMSELossFunction(Function):
+    r"""C = reduce((max(0, x W1^T + b1) W2^T + b2 - y)^2): FusedMLP and its loss in one call.
+
+    Shapes::
+
+        x: (n, in)   W1: (hidden, in)   b1: (hidden,) or None
+        W2: (out, hidden)   b2: (out,) or None   y: (n, out)   C: a scalar
+
+    With h = max(0, x W1^T + b1), o = h W2^T + b2, d = o - y and s = 1/(n out) ('mean')
+    or 1 ('sum'), for C's gradient g (a scalar), row by row:
+
+        dC/do = 2 s d g       dC/dW2 = dC/do^T h      dC/db2 = sum of dC/do over rows
+        dC/dh = dC/do W2      dC/dz = dC/dh * (h > 0)                 (through the ReLU)
+        dC/dW1 = dC/dz^T x    dC/db1 = sum of dC/dz over rows
+        dC/dx = dC/dz W1      dC/dy = -dC/do
+
+    As in ``LinearReLUMSELossFunction``: ``forward`` sums these for g = 1 chunk by chunk
+    (``with_grads`` says which of x, W1, b1, W2, b2, y need them), ``backward`` scales
+    them by g, or recomputes them differentiably (double backward, transforms, compile).
+    A whole training step's gradients then come from one Python call forward and one
+    backward, with no intermediate graph nodes: the loss of ``FusedMLP.mse_loss``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, W1: Tensor, b1: Tensor | None, W2: Tensor, b2: Tensor | None,
+                y: Tensor, reduction: str,
+                with_grads: tuple[bool, ...] | None) -> tuple[Tensor | None, ...]:
+        if with_grads is None:  # the loss only; backward will recompute
+            d = affine(affine(x, W1, b1).clamp_min_(0.0), W2, b2) - y
+            return (_reduce(d.square().sum(), reduction, d.numel()),) + (None,) * 6
+        need_x, need_W1, need_b1, need_W2, need_b2, need_y = with_grads
+        need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None
+        s2 = 2.0 * _scale(reduction, y.numel())
+        total = grad_W1 = grad_b1 = grad_W2 = grad_b2 = None  # sums over the chunks so far
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_y = torch.empty_like(y) if need_y else None
+        rows = _chunk_rows(x)
+        for start in range(0, len(x), rows):
+            xc, yc = (x, y) if rows >= len(x) else (x[start : start + rows],
+                                                     y[start : start + rows])
+            h = affine(xc, W1, b1).clamp_min_(0.0)
+            d = affine(h, W2, b2).sub_(yc)
+            total = _sum_into(total, d.square().sum())
+            grad_o = d.mul_(s2)  # dC/do for g = 1 (d is not needed any more)
+            if need_W2:
+                grad_W2 = _mm_into(grad_W2, grad_o.t(), h)
+            if need_b2:
+                grad_b2 = _sum_into(grad_b2, grad_o.sum(0))
+            if need_x or need_W1 or need_b1:
+                grad_z = (grad_o @ W2).mul_(_unit_mask(h))  # dC/dh * (h > 0)
+                if need_W1:
+                    grad_W1 = _mm_into(grad_W1, grad_z.t(), xc)
+                if need_b1:
+                    grad_b1 = _sum_into(grad_b1, grad_z.sum(0))
+                if grad_x is not None:
+                    torch.mm(grad_z, W1, out=grad_x[start : start + rows])
+            if grad_y is not None:
+                torch.neg(grad_o, out=grad_y[start : start + rows])
+        if total is None:  # no rows: zero sums
+            total = x.new_zeros(())
+            grad_W1, grad_W2 = (torch.zeros_like(W) if need else None
+                                for W, need in ((W1, need_W1), (W2, need_W2)))
+            grad_b1, grad_b2 = (torch.zeros_like(b) if need else None
+                                for b, need in ((b1, need_b1), (b2, need_b2)))
+        return (_reduce(total, reduction, y.numel()), grad_x, grad_W1, grad_b1, grad_W2,
+                grad_b2, grad_y)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        *tensors, reduction, with_grads = inputs
+        _keep(ctx, tensors, reduction, list(output[1:]), with_grads)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        need = ctx.needs_input_grad[:6]
+        if g is None or not any(need):
+            return (None,) * 8
+        x, W1, b1, W2, b2, y = ctx.saved_tensors
+        sums = _take_sums(ctx, need, g, 8, lambda: MLPMSELossFunction.forward(
+            x, W1, b1, W2, b2, y, ctx.reduction, need)[1:])
+        if sums is not None:
+            return sums
+        # the same lines, from the saved inputs, with ops autograd can differentiate again
+        h = affine(x, W1, b1).clamp_min(0.0)
+        grad_o = (affine(h, W2, b2) - y) * (2.0 * _scale(ctx.reduction, y.numel()) * g)
+        grad_z = (grad_o @ W2) * _unit_mask(h)
+        return (grad_z @ W1 if need[0] else None, grad_z.t() @ x if need[1] else None,
+                grad_z.sum(0) if need[2] else None, grad_o.t() @ h if need[3] else None,
+                grad_o.sum(0) if need[4] else None, -grad_o if need[5] else None, None, None)
