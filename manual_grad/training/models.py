@@ -4,7 +4,8 @@ All three are built from manual_grad layers (``impl: manual``) or from the ident
 torch.nn layers (``impl: native``); both consume the random stream identically, so the
 same seed gives the same initial weights and the two runs can be compared step by step.
 ``impl: fused`` runs the MLPs' linear -> ReLU -> linear as one FusedMLP Function (same
-weights and state_dict keys); the CNN has no fused block and runs as ``manual``.
+weights and state_dict keys), and the regressor's training steps take the block and its
+MSE loss as one (``FusedMLP.mse_loss``); the CNN has no fused block and runs as ``manual``.
 """
 
 import math
@@ -72,10 +73,14 @@ class DigitModel(L.LightningModule):
     def target(self, y: Tensor) -> Tensor:
         return y
 
+    def training_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """The loss a training step minimises (validation and test use ``loss_fn``)."""
+        return self.loss_fn(self(x), self.target(y))
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
             x, y = batch
-            loss = self.loss_fn(self(x), self.target(y))
+            loss = self.training_loss(x, y)
             self.log(f"train_{self.metric}", loss, on_step=False, on_epoch=True, prog_bar=True,
                      batch_size=len(y), sync_dist=True)
             return loss
@@ -89,7 +94,7 @@ class DigitModel(L.LightningModule):
         losses, sizes = [], []
         for x, y in map(convert, batch):
             opt.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self(x), self.target(y))
+            loss = self.training_loss(x, y)
             if plain:  # the plain loop's body, plus Lightning's step count (global_step)
                 loss.backward()
                 opt._on_before_step()
@@ -158,7 +163,8 @@ class MNISTRegressor(DigitModel):
         in_features: pixels per image; train.py links it to the data (784 or 64).
         hidden: width of the hidden layer (the seed uses 50).
         impl: ``manual`` (hand-derived backward), ``native`` (torch.nn) or ``fused``
-            (the whole MLP as one hand-derived Function).
+            (the whole MLP as one hand-derived Function, and in training the MLP and its
+            loss as one: ``FusedMLP.mse_loss``).
         optimizer: a factory ``params -> Optimizer``; in YAML a ``class_path`` such as
             ``torch.optim.SGD`` with its ``init_args`` (lr, momentum...).
         steps_per_batch: optimiser steps per Lightning step; train.py links it to
@@ -179,6 +185,12 @@ class MNISTRegressor(DigitModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)  # (N, 1) -> (N,), the shape of the targets
+
+    def training_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.impl == "fused":  # the block and its loss as one Function: the same
+            # numbers, a step's gradients from one call forward and one backward
+            return self.net.mse_loss(x, self.target(y))
+        return super().training_loss(x, y)
 
     def predict_digit(self, out: Tensor) -> Tensor:
         return out.round()  # a regression on the digit's value is right when it rounds to it
