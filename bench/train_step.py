@@ -4,8 +4,12 @@ and each ratio is the median over turns of the pair's times in the same round.
 
 A plain PyTorch loop over data already on the device (no DataLoader, no Lightning), so
 what is measured is the layers' forward and backward plus the optimiser step. Rows:
-torch.nn, the drop-in manual_grad layers, the FusedMLP block, and both drop-in models
-under torch.compile(fullgraph=True) (ratio against compiled torch.nn).
+torch.nn, the drop-in manual_grad layers, the FusedMLP block (with MSELoss, and with its
+loss fused in: ``FusedMLP.mse_loss``), and both drop-in models under
+torch.compile(fullgraph=True) (ratio against compiled torch.nn). Two rows bound what any
+implementation can reach: three bare autograd.Functions with the same math and no checks
+(the cost of Python Functions themselves), and the batch gather plus the two large matrix
+products alone, with no ReLU, loss, autograd or optimiser (the arithmetic floor).
 
     python bench/train_step.py
 """
@@ -14,6 +18,7 @@ import argparse
 
 import torch
 from torch import nn
+from torch.autograd import Function
 
 import manual_grad
 from bench.common import devices, interleaved, ms, table
@@ -21,9 +26,65 @@ from bench.common import devices, interleaved, ms, table
 N_EPOCH = 60_000
 
 
+class _BareLinear(Function):
+    """y = x W^T + b with nothing but the math: no checks, every tensor saved."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W)
+        return torch.addmm(b, x, W.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W = ctx.saved_tensors
+        return (g @ W if ctx.needs_input_grad[0] else None), g.t() @ x, g.sum(0)
+
+
+class _BareReLU(Function):
+    @staticmethod
+    def forward(ctx, z):
+        u = z.clamp_min(0.0)
+        ctx.save_for_backward(u)
+        return u
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        return g * u.sign()  # (wrong only where u is NaN)
+
+
+class _BareMSE(Function):
+    @staticmethod
+    def forward(ctx, u, y):
+        d = u - y
+        ctx.save_for_backward(d)
+        return d.square().mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        (d,) = ctx.saved_tensors
+        return d * (g * (2.0 / d.numel())), None
+
+
+class bare:  # noqa: N801 (a stand-in for a module namespace, as torch.nn)
+    """The floor of hand-written autograd.Functions: the drop-in's math, nothing else."""
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            return _BareLinear.apply(x, self.weight, self.bias)
+
+    class ReLU(nn.ReLU):
+        def forward(self, z):
+            return _BareReLU.apply(z)
+
+    class MSELoss(nn.MSELoss):
+        def forward(self, u, y):
+            return _BareMSE.apply(u, y)
+
+
 def build(lib, device):
     torch.manual_seed(0)
-    if lib == "fused":
+    if lib in ("fused", "fused loss"):
         model, loss_fn = manual_grad.FusedMLP(784, 50, 1), manual_grad.MSELoss()
     else:
         model = nn.Sequential(lib.Linear(784, 50), lib.ReLU(), lib.Linear(50, 1))
@@ -32,11 +93,31 @@ def build(lib, device):
     return model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
+def floor_fn(X, Y, batch, steps):
+    """The gather and the two (batch x 784) products of each step, nothing else."""
+    W = torch.randn(50, 784, device=X.device)
+    g = torch.randn(batch, 50, device=X.device)
+    batches: list[torch.Tensor] = []
+
+    def run():
+        for _ in range(steps):
+            if not batches:
+                batches.extend(torch.randperm(len(X), device=X.device).split(batch))
+            idx = batches.pop()
+            x = X[idx]
+            Y[idx]
+            x @ W.t()  # forward: (n, 784) @ (784, 50)
+            g[: len(x)].t() @ x  # dL/dW1: (50, n) @ (n, 784)
+    return run
+
+
 def steps_fn(lib, X, Y, batch, steps, compiled=False):
     """``steps`` training steps, walking through shuffled epochs of (X, Y)."""
     model, loss_fn, opt = build(lib, X.device)
 
     def loss_of(x, y):
+        if lib == "fused loss":  # the block and its loss in one Function
+            return model.mse_loss(x, y)
         return loss_fn(model(x).squeeze(-1), y)
 
     # fullgraph: the hand-derived Functions are traced into the graph, backward included
@@ -63,7 +144,9 @@ def main() -> None:
                         help="skip the torch.compile rows (compiling takes ~30 s)")
     args = parser.parse_args()
     impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad,
-             "manual_grad FusedMLP": "fused"}
+             "manual_grad FusedMLP": "fused",
+             "manual_grad FusedMLP.mse_loss (loss fused)": "fused loss",
+             "floor: bare autograd.Functions, same math": bare}
     for device in devices():
         X = torch.randn(N_EPOCH, 784, device=device)
         Y = torch.randint(0, 10, (N_EPOCH,), device=device).float()
@@ -73,6 +156,7 @@ def main() -> None:
             # the same machine speed, long enough to time
             steps = max(1, 60 * 64 // batch) if device.type == "cpu" else 50
             fns = {name: steps_fn(lib, X, Y, batch, steps) for name, lib in impls.items()}
+            fns["floor: gather + the two big products only"] = floor_fn(X, Y, batch, steps)
             if not args.no_compile:
                 fns["native + torch.compile"] = steps_fn(nn, X, Y, batch, steps, True)
                 fns["manual_grad + torch.compile"] = steps_fn(manual_grad, X, Y, batch, steps,
