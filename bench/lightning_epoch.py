@@ -1,7 +1,8 @@
 """One training epoch through train.py's Lightning path against a plain PyTorch loop on the
 same data (60,000 synthetic MNIST-shaped images written as IDX files, so the real loading
 path runs), batch 64 and 4096, manual_grad layers. A plain-loop epoch runs right after
-each Lightning epoch, and the ratio is the median over epochs of each pair's ratio.
+each Lightning epoch, and the ratio is the median over epochs of each pair's ratio. On a
+GPU, rows with ``model.cuda_graph`` (each step replayed as one CUDA graph) are added.
 
     python bench/lightning_epoch.py
 """
@@ -68,7 +69,7 @@ class PlainEpochAfterEach(L.Callback):
 
 
 def paired_epochs(data_dir: str, batch: int, device: torch.device, epochs: int,
-                  steps_per_batch: int) -> tuple[float, float, float]:
+                  steps_per_batch: int, cuda_graph: bool = False) -> tuple[float, float, float]:
     """(median train.py epoch, median plain epoch, median of their per-epoch ratios)."""
     plain = PlainEpochAfterEach(PlainLoop(data_dir, batch, device))
     L.seed_everything(0, verbose=False)
@@ -82,7 +83,8 @@ def paired_epochs(data_dir: str, batch: int, device: torch.device, epochs: int,
                             logger=CSVLogger(logs, name="bench"), enable_checkpointing=False,
                             enable_model_summary=False, limit_val_batches=0,
                             callbacks=[report, plain])
-        trainer.fit(MNISTRegressor(in_features=784, steps_per_batch=steps_per_batch), dm)
+        trainer.fit(MNISTRegressor(in_features=784, steps_per_batch=steps_per_batch,
+                                   cuda_graph=cuda_graph), dm)
     light, base = report.epoch_seconds[1:], plain.seconds[1:]  # the first epochs warm up
     return (statistics.median(light), statistics.median(base),
             statistics.median(a / b for a, b in zip(light, base, strict=True)))
@@ -93,18 +95,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096])
     parser.add_argument("--steps-per-batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--cuda-graph-steps", type=int, nargs="*", default=[64],
+                        help="on CUDA, also rows with model.cuda_graph at these "
+                             "data.steps_per_batch (none: no such rows)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_mnist(Path(tmp), 60_000)
         for device in devices():
             rows = []
+            runs = [(k, False) for k in args.steps_per_batch]
+            if device.type == "cuda":
+                runs += [(k, True) for k in args.cuda_graph_steps]
             for batch in args.batches:
-                for k in args.steps_per_batch:
-                    light, plain, ratio = paired_epochs(tmp, batch, device, args.epochs, k)
-                    rows.append([str(batch), str(k), ms(plain), ms(light), f"{ratio:.3f}"])
+                for k, graph in runs:
+                    light, plain, ratio = paired_epochs(tmp, batch, device, args.epochs, k,
+                                                        graph)
+                    rows.append([str(batch), str(k), "yes" if graph else "no", ms(plain),
+                                 ms(light), f"{ratio:.3f}"])
             table("Epoch of 50,000 images: train.py (Lightning, resident data) vs a plain loop",
-                  ["batch", "data.steps_per_batch", "plain loop ms", "train.py ms", "ratio"],
-                  rows, device, "lightning_epoch")
+                  ["batch", "data.steps_per_batch", "model.cuda_graph", "plain loop ms",
+                   "train.py ms", "ratio"], rows, device, "lightning_epoch")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ from lightning.pytorch.plugins.precision import (
 )
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 import manual_grad
+from manual_grad.training.cuda_graph import GraphedSteps
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 Impl = Literal["manual", "native", "fused"]
@@ -59,13 +61,18 @@ class DigitModel(L.LightningModule):
     metric = "loss"
 
     def __init__(self, impl: Impl, optimizer: OptimizerFactory,
-                 steps_per_batch: int = 1) -> None:
+                 steps_per_batch: int = 1, cuda_graph: bool = False) -> None:
         super().__init__()
+        if cuda_graph and steps_per_batch == 1:
+            raise ValueError("model.cuda_graph replays many optimiser steps per Lightning "
+                             "step: set data.steps_per_batch > 1 (e.g. 64) as well")
         self.impl = impl
         # several optimiser steps per Lightning step: the loop below, not Lightning's
         self.automatic_optimization = steps_per_batch == 1
         self.lib = nn if impl == "native" else manual_grad
         self.optimizer_factory = optimizer
+        self.cuda_graph = cuda_graph
+        self._graphed: GraphedSteps | None = None  # made at the first grouped step
 
     def predict_digit(self, out: Tensor) -> Tensor:
         raise NotImplementedError
@@ -88,11 +95,18 @@ class DigitModel(L.LightningModule):
         # automatic loop would take them, with Lightning's per-step work paid once
         opt = self.optimizers()
         plain = self._plain_inner_steps() and hasattr(opt, "_on_after_step")
+        graphed = self._graphed_steps(opt.optimizer, plain) if self.cuda_graph else None
         # the batches are cut lazily (data.BatchGroup), after Lightning's conversion of the
         # step's input: convert each as it would have (e.g. to float64 under precision 64)
         convert = self.trainer.precision_plugin.convert_input
         losses, sizes = [], []
         for x, y in map(convert, batch):
+            if graphed is not None:  # replayed (see cuda_graph.py), counted as below
+                opt._on_before_step()
+                losses.append(graphed.step(x, y))
+                opt._on_after_step()
+                sizes.append(len(y))
+                continue
             opt.zero_grad(set_to_none=True)
             loss = self.training_loss(x, y)
             if plain:  # the plain loop's body, plus Lightning's step count (global_step)
@@ -115,6 +129,31 @@ class DigitModel(L.LightningModule):
             for i, value in enumerate(per_step.tolist()):
                 self.logger.log_metrics({f"train_{self.metric}_step": value}, step=first + i)
         return None
+
+    def on_train_start(self) -> None:
+        self._graphed = None  # a new fit has a new optimiser: capture again
+
+    def _graphed_steps(self, optimizer: torch.optim.Optimizer,
+                       plain: bool) -> GraphedSteps | None:
+        """The CUDA-graph stepper, if ``cuda_graph`` can be honoured here; otherwise a
+        warning (once) saying why, and the ordinary grouped steps."""
+        if self._graphed is None:
+            why = None
+            if self.device.type != "cuda":
+                why = f"the model is on {self.device}, not a CUDA device"
+            elif not plain:
+                why = ("a callback or the module listens to per-step hooks, or the "
+                       "strategy or precision needs Lightning's own step")
+            elif type(self.trainer.precision_plugin) not in (Precision, DoublePrecision):
+                why = "only 32- and 64-bit precision are captured"
+            elif self.trainer.lr_scheduler_configs:
+                why = "an LR scheduler would change a learning rate the graph has frozen"
+            if why is not None:
+                rank_zero_warn(f"model.cuda_graph is ignored: {why}; the steps run as usual.")
+                self.cuda_graph = False
+                return None
+            self._graphed = GraphedSteps(self.training_loss, optimizer)
+        return self._graphed
 
     def _plain_inner_steps(self) -> bool:
         """Whether the grouped steps may call ``loss.backward()`` and the optimiser directly.
@@ -169,17 +208,24 @@ class MNISTRegressor(DigitModel):
             ``torch.optim.SGD`` with its ``init_args`` (lr, momentum...).
         steps_per_batch: optimiser steps per Lightning step; train.py links it to
             ``data.steps_per_batch``.
+        cuda_graph: on a GPU, capture one whole optimiser step (forward, hand-derived
+            backward, SGD) as a CUDA graph and replay it for the grouped steps (needs
+            ``data.steps_per_batch`` > 1; see ``cuda_graph.py``). Where it cannot be
+            used (CPU, mixed precision, an LR scheduler, per-step hooks) a warning says
+            why and training runs as usual.
     """
 
     metric = "mse"
 
     def __init__(self, in_features: int = 784, hidden: int = 50, impl: Impl = "manual",
-                 optimizer: OptimizerFactory = sgd, steps_per_batch: int = 1) -> None:
-        super().__init__(impl, optimizer, steps_per_batch)
-        # impl and steps_per_batch are not saved: they change no parameter, so a
-        # checkpoint of either implementation loads into the other (and the command
+                 optimizer: OptimizerFactory = sgd, steps_per_batch: int = 1,
+                 cuda_graph: bool = False) -> None:
+        super().__init__(impl, optimizer, steps_per_batch, cuda_graph)
+        # impl, steps_per_batch and cuda_graph are not saved: they change no parameter,
+        # so a checkpoint of either implementation loads into the other (and the command
         # line, not the checkpoint, decides how it runs)
-        self.save_hyperparameters(ignore=["optimizer", "impl", "steps_per_batch"])
+        self.save_hyperparameters(ignore=["optimizer", "impl", "steps_per_batch",
+                                          "cuda_graph"])
         self.net = mlp(self.lib, impl, in_features, hidden, 1)
         self.loss_fn = self.lib.MSELoss()
 
