@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
@@ -12,16 +11,23 @@ from manual_grad.functions._fast_apply import fast_apply
 
 @fast_apply
 class Conv2dFunction(Function):
-    r"""y = conv2d(x, W) + b, read as a linear layer applied at every position.
+    r"""y = conv2d(x, W) + b: a linear layer applied at every position.
 
-    Cut x (N, C, H, W) into its receptive-field columns, cols = unfold(x):
-    (N, C kh kw, L) with L = H_out W_out positions. Then for each group
-    (G groups, weight W (O, C/G, kh, kw) flattened to (G, O/G, C/G kh kw)):
-        y[n, :, l] = W cols[n, :, l] + b        one linear layer per (sample, position)
-    so, exactly as for the linear layer, with g = dL/dy flattened to (N, O, L):
-        dL/dW = sum over n and l of g[n, :, l] cols[n, :, l]^T    (batch AND positions)
-        dL/dcols = W^T g,   dL/dx = fold(dL/dcols)   (fold adds overlapping windows back)
+    Shapes: x (N, C, H, W), weight W (O, C/G, kh, kw) in G groups, y and g = dL/dy
+    (N, O, Ho, Wo); stride s, padding p, dilation d. Read through the receptive-field
+    columns cols = unfold(x) (N, C kh kw, Ho Wo), each group is the linear layer
+        y[n, :, l] = W cols[n, :, l] + b            at every sample n and position l,
+    so, exactly as for the linear layer:
+        dL/dcols = W^T g,  dL/dx = fold(dL/dcols)   (fold adds overlapping windows back)
+        dL/dW = sum over n and l of g[n, :, l] cols[n, :, l]^T     (batch AND positions)
         dL/db = sum over n and l of g[n, :, l]
+    Building the columns costs kh kw copies of x, so ``backward`` computes the same sums
+    the way convolution kernels can, without them:
+        dL/dx = conv_transpose2d(g, W)   (the adjoint: each input pixel gets back
+                                          W-weighted g from every window it was in)
+        dL/dW[o, c, i, j] = sum over n, p, q of g[n, o, p, q] x[n, c, p s + i d, q s + j d]
+              = a convolution of x with g as the kernel, sample axis n as the channels,
+                stride d and dilation s (swapped), cut to kh x kw
     """
 
     generate_vmap_rule = True
@@ -43,19 +49,24 @@ class Conv2dFunction(Function):
         x, W = ctx.saved_tensors
         N, C, H, Wd = ctx.x_shape
         Out, Cg, kh, kw = ctx.w_shape
-        G = ctx.groups
-        unfold = {"kernel_size": (kh, kw), "dilation": ctx.dilation, "padding": ctx.padding,
-                  "stride": ctx.stride}
-        L = g.shape[2] * g.shape[3]
-        g_cols = g.reshape(N, G, Out // G, L)
+        G, s, p, d = ctx.groups, ctx.stride, ctx.padding, ctx.dilation
+        Ho, Wo = g.shape[2:]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            Wg = W.reshape(G, Out // G, Cg * kh * kw)
-            d_cols = torch.einsum("gok,ngol->ngkl", Wg, g_cols)  # W^T g per group
-            grad_x = F.fold(d_cols.reshape(N, C * kh * kw, L), (H, Wd), **unfold)
-        if ctx.needs_input_grad[1]:
-            cols = F.unfold(x, **unfold).reshape(N, G, Cg * kh * kw, L)
-            grad_W = torch.einsum("ngol,ngkl->gok", g_cols, cols).reshape(Out, Cg, kh, kw)
+            # rows/columns the forward's windows never reached (stride > 1) come back as
+            # output_padding, so that dL/dx has x's shape
+            extra = tuple(size - ((out - 1) * s_ - 2 * p_ + d_ * (k - 1) + 1) for size, out, s_,
+                          p_, d_, k in ((H, Ho, s[0], p[0], d[0], kh),
+                                        (Wd, Wo, s[1], p[1], d[1], kw)))
+            grad_x = F.conv_transpose2d(g, W, None, s, p, extra, G, d)
+        if ctx.needs_input_grad[1] and N == 0:  # an empty batch adds nothing
+            grad_W = x.new_zeros(ctx.w_shape)
+        elif ctx.needs_input_grad[1]:
+            # per group: channels c of x as the batch, samples n as the channels
+            xt = x.reshape(N, G, Cg, H, Wd).permute(2, 1, 0, 3, 4).reshape(Cg, G * N, H, Wd)
+            gt = g.reshape(N, G, Out // G, Ho, Wo).permute(1, 2, 0, 3, 4).reshape(
+                Out, N, Ho, Wo)
+            grad_W = F.conv2d(xt, gt, None, d, p, s, G).transpose(0, 1)[:, :, :kh, :kw]
         if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_b = g.sum((0, 2, 3))
         return grad_x, grad_W, grad_b, None, None, None, None
