@@ -93,17 +93,26 @@ def build(lib, device):
     return model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
+def batch_indices(n: int, batch: int, device: torch.device):
+    """A function giving the next batch's indices, walking through shuffled epochs."""
+    batches: list[torch.Tensor] = []
+
+    def next_batch() -> torch.Tensor:
+        if not batches:
+            batches.extend(torch.randperm(n, device=device).split(batch))
+        return batches.pop()
+    return next_batch
+
+
 def floor_fn(X, Y, batch, steps):
     """The gather and the two (batch x 784) products of each step, nothing else."""
     W = torch.randn(50, 784, device=X.device)
     g = torch.randn(batch, 50, device=X.device)
-    batches: list[torch.Tensor] = []
+    next_batch = batch_indices(len(X), batch, X.device)
 
     def run():
         for _ in range(steps):
-            if not batches:
-                batches.extend(torch.randperm(len(X), device=X.device).split(batch))
-            idx = batches.pop()
+            idx = next_batch()
             x = X[idx]
             Y[idx]
             x @ W.t()  # forward: (n, 784) @ (784, 50)
@@ -122,13 +131,11 @@ def steps_fn(lib, X, Y, batch, steps, compiled=False):
 
     # fullgraph: the hand-derived Functions are traced into the graph, backward included
     step_loss = torch.compile(loss_of, fullgraph=True) if compiled else loss_of
-    batches: list[torch.Tensor] = []
+    next_batch = batch_indices(len(X), batch, X.device)
 
     def run():
         for _ in range(steps):
-            if not batches:
-                batches.extend(torch.randperm(len(X), device=X.device).split(batch))
-            idx = batches.pop()
+            idx = next_batch()
             opt.zero_grad(set_to_none=True)
             loss = step_loss(X[idx], Y[idx])
             loss.backward()

@@ -160,8 +160,8 @@ class LinearReLUMSELossFunction(Function):
         need = ctx.needs_input_grad[:4]
         if g is None or not any(need):
             return None, None, None, None, None, None
-        # each gradient was summed for g = 1 in forward: scale it (a scalar product)
         x, W, b, y = ctx.saved_tensors
+        # each gradient was summed for g = 1 in forward: scale it (a scalar product)
         sums = _take_sums(ctx, need, g, 6, lambda: LinearReLUMSELossFunction.forward(
             x, W, b, y, ctx.reduction, need)[1:])
         if sums is not None:
