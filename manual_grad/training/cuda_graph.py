@@ -94,7 +94,7 @@ class GraphedSteps:
             # writes them there and the captured optimiser step reads them there
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph):
                 loss = self.step_loss(static_x, static_y)
                 loss.backward()
                 self.optimizer.step()
