@@ -9,6 +9,19 @@ from torch.autograd import Function
 from manual_grad.functions._fast_apply import fast_apply
 
 
+def batch_stats(x: Tensor, dims: tuple[int, ...],
+                correction: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(var, mean, x - mean) over ``dims`` (kept as size 1), in two passes: the mean, then
+    the mean squared deviation from it. torch.var_mean's one-pass kernel is ~15x slower
+    on the CPU when ``dims`` are a batch's N, H, W (2.2 ms against 0.15 ms for 64 x 16 x
+    28 x 28), and the centred x is wanted next anyway."""
+    mean = x.mean(dims, keepdim=True)
+    centred = x - mean
+    count = x.numel() // max(mean.numel(), 1)
+    var = centred.square().sum(dims, keepdim=True) / max(count - correction, 1)
+    return var, mean, centred
+
+
 def _normalize_backward(g: Tensor, xhat: Tensor, rstd: Tensor, w: Tensor | None,
                         dims: tuple[int, ...]) -> Tensor:
     r"""dL/dx for xhat = (x - mean(x)) * rstd, mean and variance taken over ``dims``.
@@ -69,11 +82,17 @@ class BatchNormFunction(Function):
     r"""y = (x - mean_c) / sqrt(var_c + eps) * w_c + b_c per channel c (dim 1).
 
     x (N, C) or (N, C, *). In training the statistics are the batch's, over every dim
-    but the channel, and depend on x; in eval they are the running ones, constants:
+    but the channel (m values each), and depend on x; in eval they are the running
+    ones, constants. With centred = x - mean, rstd = 1 / sqrt(var + eps),
+    xhat = centred rstd and s = w rstd (the scale each value gets):
         training:  dL/dx = rstd (g w - mean(g w) - xhat mean(g w xhat))  means per channel
-        eval:      dL/dx = rstd g w
-        both:      dL/dw = sum over N and positions of g xhat;  dL/db = the same sum of g
-    The running statistics are updated outside, in functional.batch_norm.
+                         = s g - s sum(g) / m - centred s rstd^2 sum(g centred) / m
+        eval:      dL/dx = s g
+        both:      dL/dw = sum of g xhat = rstd sum(g centred);   dL/db = sum of g
+    The second form needs only two per-channel sums, sum(g) and sum(g centred), so
+    backward makes two full-size tensors where the first form makes a dozen (each a
+    fresh allocation, slow on a CPU at this size). The running statistics are updated
+    outside, in functional.batch_norm.
     """
 
     generate_vmap_rule = True
@@ -83,14 +102,14 @@ class BatchNormFunction(Function):
                 var: Tensor | None, eps: float) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if mean is None:  # batch statistics
-            dims = (0, *range(2, x.dim()))
-            batch_var, batch_mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-            y = (x - batch_mean) * torch.rsqrt(batch_var + eps)
+            var, _, centred = batch_stats(x, (0, *range(2, x.dim())))
         else:
-            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+            var, centred = var.view(shape), x - mean.view(shape)
+        scale = torch.rsqrt(var + eps)
         if w is not None:
-            y = y * w.view(shape)
-        return y + b.view(shape) if b is not None else y
+            scale = scale * w.view(shape)
+        y = centred.mul_(scale)  # (forward runs without autograd: centred is ours)
+        return y.add_(b.view(shape)) if b is not None else y
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -103,18 +122,22 @@ class BatchNormFunction(Function):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dims = (0, *range(2, x.dim()))
         if mean is None:
-            var_, mean_ = torch.var_mean(x, dims, correction=0, keepdim=True)
+            var_, _, centred = batch_stats(x, dims)
         else:
-            var_, mean_ = var.view(shape), mean.view(shape)
+            var_, centred = var.view(shape), x - mean.view(shape)
         rstd = torch.rsqrt(var_ + ctx.eps)
-        xhat = (x - mean_) * rstd
-        wv = w.view(shape) if w is not None else None
+        s = rstd * w.view(shape) if w is not None else rstd
+        g_sum = g.sum(dims, keepdim=True)
+        gc_sum = (g * centred).sum(dims, keepdim=True) if (
+            ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and mean is None)) else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             if mean is None:
-                grad_x = _normalize_backward(g, xhat, rstd, wv, dims)
+                m = x.numel() // g_sum.numel()
+                grad_x = torch.addcmul(s * g_sum / -m, g, s)  # s g - s sum(g) / m
+                grad_x = grad_x.addcmul_(centred, s * rstd.square() * gc_sum / -m)
             else:
-                grad_x = g * rstd * wv if wv is not None else g * rstd
-        grad_w = (g * xhat).sum(dims) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(dims) if ctx.needs_input_grad[2] else None  # False without bias
+                grad_x = g * s
+        grad_w = (rstd * gc_sum).view(-1) if ctx.needs_input_grad[1] else None
+        grad_b = g_sum.view(-1) if ctx.needs_input_grad[2] else None  # False without bias
         return grad_x, grad_w, grad_b, None, None, None
