@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU run: the whole test suite (on that machine's torch), a train.py run on
 # the GPU, and every benchmark's CUDA rows. Everything lands in $OUT (default: bench/results).
-# Env: PYTEST_TIMEOUT, CONFIGS, TRAIN_ARGS, BENCHES, BENCH_TIMEOUT (per bench script).
+# Env: PYTEST_TIMEOUT, CONFIGS, TRAIN_ARGS, BENCHES, BENCH_TIMEOUT (per bench script),
+# BENCH_ARGS_<bench> (its arguments, e.g. BENCH_ARGS_train_step=--no-compile).
 # Needs .whl/ (jsonargparse and its two helpers; see README "Performance") and .gpu_data/
 # (the MNIST t10k files) carried along.
 set -uo pipefail
@@ -35,7 +36,10 @@ timeout 120 python3 "$OLDPWD/train.py" fit --config "$OLDPWD/configs/mnist_regre
 cd "$OLDPWD"
 export BENCH_DEVICES=cuda
 for b in ${BENCHES:-seed_table train_step memory lightning_epoch}; do
-  timeout ${BENCH_TIMEOUT:-240} python3 -m bench.$b 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
+  # per-bench arguments: BENCH_ARGS_train_step="--no-compile", BENCH_ARGS_lightning_epoch=...
+  args_var="BENCH_ARGS_$b"; args=${!args_var:-}
+  [ "$b" = lightning_epoch ] && args=${args:-"--epochs 4"}
+  timeout ${BENCH_TIMEOUT:-240} python3 -m bench.$b $args 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
 done
 cp bench/results/*-cuda.md "$OUT/" 2>/dev/null
 exit 0
