@@ -37,7 +37,7 @@ from manual_grad.functions import (
     TanhFunction,
 )
 from manual_grad.functions.losses import REDUCTIONS
-from manual_grad.functions.normalization import batch_stats
+from manual_grad.functions.normalization import centred_stats
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -503,7 +503,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                              f"got input of shape {tuple(input.shape)}")
         if running_mean is not None:
             with torch.no_grad():
-                var, mean, _ = batch_stats(input, (0, *range(2, input.dim())), correction=1)
+                var, mean, _ = centred_stats(input, (0, *range(2, input.dim())), correction=1)
                 running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
                 running_var.lerp_(var.view(-1).to(running_var.dtype), momentum)
         return BatchNormFunction.apply(input, weight, bias, None, None, eps)
