@@ -134,3 +134,45 @@ def test_gradient_penalty_with_create_graph_equals_native():
         total.backward()
         results.append(([p.grad.clone() for p in model.parameters()], total.detach()))
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("layer", ["LayerNorm", "BatchNorm1d", "Linear"])
+def test_vmap_over_an_ensembles_parameters_on_one_input_equals_native(layer):
+    # torch.func's model-ensembling recipe: parameters stacked and batched, the input not,
+    # so a forward may not write a batched parameter into an unbatched tensor in place
+    from torch.func import functional_call, stack_module_state
+
+    def build(lib, seed):
+        torch.manual_seed(seed)
+        m = (lib.Linear(6, 6) if layer == "Linear" else getattr(lib, layer)(6)).to(D)
+        for p in m.parameters():
+            nn.init.normal_(p)
+        return m.eval()
+
+    x = torch.randn(4, 6, dtype=D)
+    outs = []
+    for lib in (manual_grad, nn):
+        members = [build(lib, seed) for seed in range(3)]
+        params, buffers = stack_module_state(members)
+        base = build(lib, 0).to("meta")
+        outs.append(vmap(lambda p, b, m=base: functional_call(m, (p, b), (x,)))(params,
+                                                                              buffers))
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_layer_norm_of_a_constant_row_double_backward_equals_native():
+    # zero variance: the statistics' derivatives at a constant row, where eps keeps the
+    # layer smooth, through the norm-based variance and the in-place dx
+    x = torch.randn(3, 5, dtype=D)
+    x[1] = 0.7
+    x.requires_grad_()
+    w = torch.randn(5, dtype=D, requires_grad=True)
+    b = torch.randn(5, dtype=D, requires_grad=True)
+    results = []
+    for f in (MF.layer_norm, torch.nn.functional.layer_norm):
+        first = torch.autograd.grad(f(x, (5,), w, b, 1e-5).sin().sum(), (x, w, b),
+                                    create_graph=True)
+        second = torch.autograd.grad(sum(t.square().sum() for t in first), (x, w))
+        results.append((*first, *second))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs)
