@@ -70,9 +70,9 @@ class GraphedSteps:
         return loss
 
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.emulate or not x.is_cuda:
+        if self.emulate or not x.is_cuda or self._replay is not None:
             return self._once(x, y).detach()
-        # on a side stream, as the capture recipe asks of the steps before a capture
+        # before the capture: on a side stream, as the capture recipe asks of warm-ups
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
