@@ -3,7 +3,10 @@
 On CUDA: peak allocated bytes during forward + backward (torch.cuda.max_memory_allocated).
 On CPU, where torch keeps no allocator statistics: the bytes autograd keeps alive between
 forward and backward (every tensor saved for backward, counted once), the part of the
-peak that a layer implementation controls.
+peak that a layer implementation controls (the batch and the parameters, there anyway,
+are left out). Columns: torch.nn, the drop-in layers, and FusedMLP.mse_loss, whose
+forward also holds the gradient sums until backward: counted here, although they are the
+parameters' gradients themselves, which every implementation holds after backward.
 
     python bench/memory.py
 """
@@ -21,8 +24,11 @@ def step_memory(lib, batch: int, device: torch.device, warmup: bool = True) -> i
     if warmup:  # cuBLAS allocates its workspace on first use: keep that out of the peak
         step_memory(lib, batch, device, warmup=False)
     torch.manual_seed(0)
-    model = nn.Sequential(lib.Linear(784, 50), lib.ReLU(), lib.Linear(50, 1)).to(device)
-    loss_fn = lib.MSELoss()
+    if lib == "fused loss":
+        model = manual_grad.FusedMLP(784, 50, 1).to(device)
+    else:
+        model = nn.Sequential(lib.Linear(784, 50), lib.ReLU(), lib.Linear(50, 1)).to(device)
+        loss_fn = lib.MSELoss()
     X = torch.randn(batch, 784, device=device)
     Y = torch.randn(batch, device=device)
     saved: dict[int, int] = {}
@@ -36,13 +42,21 @@ def step_memory(lib, batch: int, device: torch.device, warmup: bool = True) -> i
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(X).squeeze(-1), Y)
+        if lib == "fused loss":
+            loss = model.mse_loss(X, Y)
+            for t in loss.grad_fn.sums or ():  # held on ctx for backward, not saved
+                if t is not None:
+                    pack(t)
+        else:
+            loss = loss_fn(model(X).squeeze(-1), Y)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    # the batch itself is the caller's, not the layers': leave it out
-    return sum(v for k, v in saved.items() if k != X.untyped_storage().data_ptr())
+    # the batch and the parameters exist anyway, not because of the layers: leave them out
+    theirs = {X.untyped_storage().data_ptr()} | {
+        p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(v for k, v in saved.items() if k not in theirs)
 
 
 def main() -> None:
@@ -55,9 +69,12 @@ def main() -> None:
         for batch in args.batches:
             native = step_memory(nn, batch, device)
             manual = step_memory(manual_grad, batch, device)
-            rows.append([str(batch), f"{native:,}", f"{manual:,}", f"{manual / native:.3f}"])
+            fused = step_memory("fused loss", batch, device)
+            rows.append([str(batch), f"{native:,}", f"{manual:,}", f"{manual / native:.3f}",
+                         f"{fused:,}", f"{fused / native:.3f}"])
         table(f"Memory of one training step ({what})",
-              ["batch", "torch.nn", "manual_grad", "ratio"], rows, device, "memory")
+              ["batch", "torch.nn", "manual_grad drop-in", "ratio", "FusedMLP.mse_loss",
+               "ratio"], rows, device, "memory")
 
 
 if __name__ == "__main__":
