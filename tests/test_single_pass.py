@@ -276,3 +276,15 @@ def test_mlp_autocast_runs_the_block_then_the_loss_like_torch():
         theirs = torch_mlp_loss(x, W1, b1, W2, b2, y)
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs)
+
+
+def test_a_gradient_forward_was_not_told_to_sum_is_still_computed():
+    # called directly, with with_grads naming only W1: W2's gradient is summed in backward
+    from manual_grad.functions import MLPMSELossFunction
+
+    x, W1, b1, W2, b2, y = make_mlp(6, 4, 5, 2, grad_x=False)
+    loss = MLPMSELossFunction.apply(x, W1, b1, W2, b2, y, "mean",
+                                    (False, True, False, False, False, False))[0]
+    got = torch.autograd.grad(loss, (W1, b1, W2, b2))
+    want = torch.autograd.grad(torch_mlp_loss(x, W1, b1, W2, b2, y), (W1, b1, W2, b2))
+    torch.testing.assert_close(got, want)

@@ -78,11 +78,12 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
     """The gradients forward summed for g = 1, times g; None when backward must recompute
     them differentiably (double backward, or no sums were made: transforms, compile).
     A second backward through a retained graph finds them taken and calls ``resum``,
-    which sums them again the same way, so that every backward gives the same bits."""
+    which sums them again the same way, so that every backward gives the same bits (as
+    it does when a gradient asked for was not among those ``with_grads`` named)."""
     if not ctx.precomputed or torch.is_grad_enabled():
         return None
     sums, ctx.sums = ctx.sums, None
-    if sums is None:
+    if sums is None or any(wanted and t is None for t, wanted in zip(sums, need, strict=True)):
         sums = resum()
     if not (g.device.type == "cpu" and g.item() == 1.0):  # 1: loss.backward()'s own g
         sums = [t.mul_(g) if t is not None else None for t in sums]
