@@ -111,6 +111,7 @@ def test_cuda_graph_on_the_cpu_warns_and_trains_as_usual(tiny_mnist):
         trainer, graphed = fit_regressor(tiny_mnist, "cpu", cuda_graph=True)
     _, plain = fit_regressor(tiny_mnist, "cpu", cuda_graph=False)
     assert trainer.global_step == 20  # 80 training images, batches of 8, 2 epochs
+    assert graphed.cuda_graph  # the setting is kept: a later fit on a GPU would use it
     torch.testing.assert_close(graphed.state_dict(), plain.state_dict(), rtol=0, atol=0)
 
 

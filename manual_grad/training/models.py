@@ -72,7 +72,8 @@ class DigitModel(L.LightningModule):
         self.lib = nn if impl == "native" else manual_grad
         self.optimizer_factory = optimizer
         self.cuda_graph = cuda_graph
-        self._graphed: GraphedSteps | None = None  # made at the first grouped step
+        # per fit: whether cuda_graph is honoured, and the stepper (made at the first step)
+        self._use_graph, self._graphed = cuda_graph, None
 
     def predict_digit(self, out: Tensor) -> Tensor:
         raise NotImplementedError
@@ -95,7 +96,7 @@ class DigitModel(L.LightningModule):
         # automatic loop would take them, with Lightning's per-step work paid once
         opt = self.optimizers()
         plain = self._plain_inner_steps() and hasattr(opt, "_on_after_step")
-        graphed = self._graphed_steps(opt.optimizer, plain) if self.cuda_graph else None
+        graphed = self._graphed_steps(opt.optimizer, plain) if self._use_graph else None
         # the batches are cut lazily (data.BatchGroup), after Lightning's conversion of the
         # step's input: convert each as it would have (e.g. to float64 under precision 64)
         convert = self.trainer.precision_plugin.convert_input
@@ -131,7 +132,8 @@ class DigitModel(L.LightningModule):
         return None
 
     def on_train_start(self) -> None:
-        self._graphed = None  # a new fit has a new optimiser: capture again
+        # a new fit has a new optimiser (capture again) and maybe another device
+        self._use_graph, self._graphed = self.cuda_graph, None
 
     def _graphed_steps(self, optimizer: torch.optim.Optimizer,
                        plain: bool) -> GraphedSteps | None:
@@ -150,7 +152,7 @@ class DigitModel(L.LightningModule):
                 why = "an LR scheduler would change a learning rate the graph has frozen"
             if why is not None:
                 rank_zero_warn(f"model.cuda_graph is ignored: {why}; the steps run as usual.")
-                self.cuda_graph = False
+                self._use_graph = False
                 return None
             self._graphed = GraphedSteps(self.training_loss, optimizer)
         return self._graphed
