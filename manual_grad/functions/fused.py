@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._fast_apply import fast_apply
-from manual_grad.functions.activations import relu_mask
+from manual_grad.functions.activations import relu_grad
 from manual_grad.functions.linear import affine
 
 
@@ -41,7 +41,7 @@ class LinearReLUFunction(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, W, h = ctx.saved_tensors
         needs_x, needs_W, needs_b = ctx.needs_input_grad  # False for an absent bias
-        dz = g * relu_mask(h)  # g * (h > 0)
+        dz = relu_grad(g, h)  # g * (h > 0)
         dz_rows = dz if dz.dim() == 2 else dz.reshape(-1, dz.shape[-1])
         grad_x = dz @ W if needs_x else None
         grad_W = grad_b = None
@@ -97,7 +97,7 @@ class MLPFunction(Function):
             if g_h is not None:
                 g_h_rows = g_h.reshape(-1, g_h.shape[-1])
                 dh = g_h_rows if dh is None else dh + g_h_rows
-            dz = dh * relu_mask(h_rows)  # dh * (h > 0)
+            dz = relu_grad(dh, h_rows)  # dh * (h > 0)
             if need_W1:
                 grad_W1 = dz.t() @ (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
             grad_b1 = dz.sum(0) if need_b1 else None
