@@ -42,6 +42,12 @@ def _chunk_rows(x: Tensor) -> int:
     return max(1, CHUNK_BYTES // max(1, x.shape[1] * x.element_size()))
 
 
+def _sum_of_squares(d: Tensor) -> Tensor:
+    """sum of d^2, as the dot product of d with itself: one kernel, no squared copy."""
+    flat = d.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 def _sum_into(total: Tensor | None, part: Tensor) -> Tensor:
     """total + part, in place after the first chunk (the first chunk's part is the total)."""
     return part if total is None else total.add_(part)
@@ -86,7 +92,8 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
     if sums is None or any(wanted and t is None for t, wanted in zip(sums, need, strict=True)):
         sums = resum()
     if not (g.device.type == "cpu" and g.item() == 1.0):  # 1: loss.backward()'s own g
-        sums = [t.mul_(g) if t is not None else None for t in sums]
+        # all of them times g in one call (one kernel launch on a GPU, no sync to read g)
+        torch._foreach_mul_([t for t in sums if t is not None], g)
     return tuple(t if wanted else None for t, wanted in zip(sums, need, strict=True)) + \
         (None,) * (n_args - len(sums))
 
@@ -122,7 +129,7 @@ class LinearReLUMSELossFunction(Function):
                 with_grads: tuple[bool, bool, bool, bool] | None) -> tuple[Tensor | None, ...]:
         if with_grads is None:  # the loss only; backward will recompute
             d = affine(x, W, b).clamp_min_(0.0) - y
-            return _reduce(d.square().sum(), reduction, d.numel()), None, None, None, None
+            return _reduce(_sum_of_squares(d), reduction, d.numel()), None, None, None, None
         need_x, need_W, need_b, need_y = with_grads
         s2 = 2.0 * _scale(reduction, y.numel())
         total = grad_W = grad_b = None  # sums over the chunks so far
@@ -134,7 +141,7 @@ class LinearReLUMSELossFunction(Function):
                                                      y[start : start + rows])
             u = affine(xc, W, b).clamp_min_(0.0)
             d = u - yc
-            total = _sum_into(total, d.square().sum())
+            total = _sum_into(total, _sum_of_squares(d))
             grad_u = d.mul_(s2)  # dC/du for g = 1 (d is not needed any more)
             grad_z = grad_u * _unit_mask(u)
             if need_W:
@@ -210,7 +217,7 @@ class MLPMSELossFunction(Function):
                 with_grads: tuple[bool, ...] | None) -> tuple[Tensor | None, ...]:
         if with_grads is None:  # the loss only; backward will recompute
             d = affine(affine(x, W1, b1).clamp_min_(0.0), W2, b2) - y
-            return (_reduce(d.square().sum(), reduction, d.numel()),) + (None,) * 6
+            return (_reduce(_sum_of_squares(d), reduction, d.numel()),) + (None,) * 6
         need_x, need_W1, need_b1, need_W2, need_b2, need_y = with_grads
         need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None
         s2 = 2.0 * _scale(reduction, y.numel())
@@ -223,7 +230,7 @@ class MLPMSELossFunction(Function):
                                                      y[start : start + rows])
             h = affine(xc, W1, b1).clamp_min_(0.0)
             d = affine(h, W2, b2).sub_(yc)
-            total = _sum_into(total, d.square().sum())
+            total = _sum_into(total, _sum_of_squares(d))
             grad_o = d.mul_(s2)  # dC/do for g = 1 (d is not needed any more)
             if need_W2:
                 grad_W2 = _mm_into(grad_W2, grad_o.t(), h)
