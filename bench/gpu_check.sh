@@ -3,7 +3,8 @@
 # what matters: the GPU-only tests, train.py on the GPU (plain and model.cuda_graph),
 # every benchmark's CUDA rows, then the whole test suite on that machine's torch with
 # whatever time is left. Everything lands in $OUT (default: bench/results).
-# Env: DEADLINE (seconds for the whole script, default 540), CONFIGS, TRAIN_ARGS, BENCHES,
+# Env: DEADLINE (seconds for the whole script, default 540), TRAIN=0 (no train.py runs),
+# SUITE=0 (not the whole suite), CONFIGS, TRAIN_ARGS, BENCHES,
 # BENCH_TIMEOUT (per bench script), BENCH_ARGS_<bench> (its arguments, e.g.
 # BENCH_ARGS_train_step=--no-compile).
 # Needs .whl/ (jsonargparse and its two helpers; see README "Performance") and .gpu_data/
@@ -27,6 +28,7 @@ timeout 150 python3 -m pytest -v -rfs -n 4 -p no:cacheprovider -p no:benchmark t
   -k "cuda or gpu" > "$OUT/gpu_tests_cuda.txt" 2>&1
 grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_cuda.txt" | tail -30
 # 2. train.py on the GPU: the real t10k digits as train (8,000) / val (2,000), 10 epochs
+if [ "${TRAIN:-1}" != 0 ]; then
 mkdir -p /tmp/run/data/MNIST/raw && cd /tmp/run
 for kind in images-idx3 labels-idx1; do
   cp "$MNIST_T10K_DIR/t10k-$kind-ubyte.gz" "data/MNIST/raw/train-$kind-ubyte.gz"; done
@@ -45,6 +47,7 @@ for impl in manual native; do
     | tail -3 | tee -a "$OUT/gpu_train.txt"
 done
 cd "$ROOT"
+fi
 # 3. the benchmarks' CUDA rows
 export BENCH_DEVICES=cuda
 for b in ${BENCHES:-seed_table train_step memory lightning_epoch}; do
@@ -55,6 +58,7 @@ for b in ${BENCHES:-seed_table train_step memory lightning_epoch}; do
   timeout "$t" python3 -m bench.$b $args 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
 done
 # 4. the whole suite on this machine's torch, in the time left
+[ "${SUITE:-1}" = 0 ] && exit 0
 echo "suite: $(left) s left" | tee "$OUT/gpu_pytest.txt"
 timeout "$(left)" python3 -m pytest -v -rf -n 12 -p no:cacheprovider -p no:benchmark \
   tests >> "$OUT/gpu_pytest.txt" 2>&1; grep -E "FAILED|passed|failed" "$OUT/gpu_pytest.txt" | tail -30

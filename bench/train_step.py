@@ -149,11 +149,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096])
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile rows (compiling takes ~30 s)")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="only the torch.compile rows (native and drop-in)")
     args = parser.parse_args()
     impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad,
              "manual_grad FusedMLP": "fused",
              "manual_grad FusedMLP.mse_loss (loss fused)": "fused loss",
              "floor: bare autograd.Functions, same math": bare}
+    if args.compiled_only:
+        impls = {}
     for device in devices():
         X = torch.randn(N_EPOCH, 784, device=device)
         Y = torch.randint(0, 10, (N_EPOCH,), device=device).float()
@@ -163,8 +167,9 @@ def main() -> None:
             # the same machine speed, long enough to time
             steps = max(1, 60 * 64 // batch) if device.type == "cpu" else 50
             fns = {name: steps_fn(lib, X, Y, batch, steps) for name, lib in impls.items()}
-            fns["floor: gather + the two big products only"] = floor_fn(X, Y, batch, steps)
-            if not args.no_compile:
+            if not args.compiled_only:
+                fns["floor: gather + the two big products only"] = floor_fn(X, Y, batch, steps)
+            if args.compiled_only or not args.no_compile:
                 fns["native + torch.compile"] = steps_fn(nn, X, Y, batch, steps, True)
                 fns["manual_grad + torch.compile"] = steps_fn(manual_grad, X, Y, batch, steps,
                                                               True)
