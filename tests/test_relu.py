@@ -60,6 +60,20 @@ def test_relu_non_finite_incoming_gradient_at_zero_is_the_documented_difference(
     torch.testing.assert_close(ours[1:], theirs[1:], rtol=0, atol=0, equal_nan=True)
 
 
+def test_relu_plain_and_differentiable_backwards_agree_with_torch():
+    # A plain backward writes (u != 0) * g into one new tensor; one that builds a graph
+    # (create_graph, and likewise vmap and compile) multiplies out of place. Both must
+    # give torch's values, including NaN units and non-finite g at live units.
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([0.0, -0.0, nan, inf, -inf, 2.0, -2.0, 1e-30], requires_grad=True)
+    g = torch.tensor([1.0, 2.0, 3.0, inf, 5.0, -inf, 7.0, nan])
+    (plain,) = torch.autograd.grad(MF.relu(x), x, g)
+    (graphed,) = torch.autograd.grad(MF.relu(x), x, g, create_graph=True)
+    (theirs,) = torch.autograd.grad(torch.relu(x), x, g)
+    torch.testing.assert_close(plain, theirs, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(graphed.detach(), theirs, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "make_grad",
     [lambda y: torch.ones(()).expand_as(y), lambda y: torch.randn(y.shape[::-1]).t()],
