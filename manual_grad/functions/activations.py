@@ -27,9 +27,9 @@ def relu_grad(g: Tensor, u: Tensor) -> Tensor:
     """dL/dz = g * (u > 0) for u = max(0, z), with torch's rule that a NaN unit passes
     its gradient on.
 
-    A plain backward (no graph of it wanted, nothing tracing it) writes one new tensor in
-    two kernels, as torch's own ReLU backward writes one in one: for u >= 0 or NaN,
-    (u != 0) is exactly (u > 0 or u is NaN), so
+    A plain backward (no graph of it wanted, nothing tracing it) makes one new tensor
+    with two kernels (torch's own ReLU backward: one tensor, one kernel). For u >= 0 or
+    NaN, (u != 0) is exactly (u > 0 or u is NaN), so
 
         m = (u != 0) as floats;   dL/dz = m * g   (multiplied into m)
 

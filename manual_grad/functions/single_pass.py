@@ -93,7 +93,9 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
         sums = resum()
     if not (g.device.type == "cpu" and g.item() == 1.0):  # 1: loss.backward()'s own g
         # all of them times g in one call (one kernel launch on a GPU, no sync to read g)
-        torch._foreach_mul_([t for t in sums if t is not None], g)
+        present = [t for t in sums if t is not None]
+        if present:
+            torch._foreach_mul_(present, g)
     return tuple(t if wanted else None for t, wanted in zip(sums, need, strict=True)) + \
         (None,) * (n_args - len(sums))
 
