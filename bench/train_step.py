@@ -4,8 +4,10 @@ and each ratio is the median over turns of the pair's times in the same round.
 
 A plain PyTorch loop over data already on the device (no DataLoader, no Lightning), so
 what is measured is the layers' forward and backward plus the optimiser step. Rows:
-torch.nn, the drop-in manual_grad layers, the FusedMLP block (with MSELoss, and with its
-loss fused in: ``FusedMLP.mse_loss``), and both drop-in models under
+torch.nn, the drop-in manual_grad layers, the FusedMLP block (with MSELoss, with its
+loss fused in: ``FusedMLP.mse_loss``, and with the batch's gather fused in as well:
+``FusedMLP.mse_loss(X, Y, rows=idx)``, which reads the batch from the resident dataset
+as it sums), and both drop-in models under
 torch.compile(fullgraph=True) (ratio against compiled torch.nn). Two rows bound what any
 implementation can reach: three bare autograd.Functions with the same math and no checks
 (the cost of Python Functions themselves), and the batch gather plus the two large matrix
@@ -84,7 +86,7 @@ class bare:  # noqa: N801 (a stand-in for a module namespace, as torch.nn)
 
 def build(lib, device):
     torch.manual_seed(0)
-    if lib in ("fused", "fused loss"):
+    if lib in ("fused", "fused loss", "fused rows"):
         model, loss_fn = manual_grad.FusedMLP(784, 50, 1), manual_grad.MSELoss()
     else:
         model = nn.Sequential(lib.Linear(784, 50), lib.ReLU(), lib.Linear(50, 1))
@@ -125,6 +127,7 @@ def steps_fn(lib, X, Y, batch, steps, compiled=False):
     model, loss_fn, opt = build(lib, X.device)
 
     fused_loss = isinstance(lib, str) and lib == "fused loss"  # decided outside compile
+    fused_rows = isinstance(lib, str) and lib == "fused rows"
 
     def loss_of(x, y):
         if fused_loss:  # the block and its loss in one Function
@@ -139,7 +142,10 @@ def steps_fn(lib, X, Y, batch, steps, compiled=False):
         for _ in range(steps):
             idx = next_batch()
             opt.zero_grad(set_to_none=True)
-            loss = step_loss(X[idx], Y[idx])
+            if fused_rows:  # the same batch, gathered inside the loss as it is summed
+                loss = model.mse_loss(X, Y, rows=idx)
+            else:
+                loss = step_loss(X[idx], Y[idx])
             loss.backward()
             opt.step()
     return run
@@ -157,6 +163,7 @@ def main() -> None:
     impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad,
              "manual_grad FusedMLP": "fused",
              "manual_grad FusedMLP.mse_loss (loss fused)": "fused loss",
+             "manual_grad FusedMLP.mse_loss(X, Y, rows=idx) (gather fused too)": "fused rows",
              "floor: bare autograd.Functions, same math": bare}
     if args.compiled_only:
         impls = {}

@@ -226,14 +226,25 @@ def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, tar
 
 
 def mlp_mse_loss(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
-                 bias2: Tensor | None, target: Tensor, reduction: str = "mean") -> Tensor:
+                 bias2: Tensor | None, target: Tensor, reduction: str = "mean",
+                 rows: Tensor | None = None) -> Tensor:
     """``mse_loss(mlp(input, weight1, bias1, weight2, bias2), target, reduction=reduction)``
     as one Function whose forward also sums every gradient (``MLPMSELossFunction``): a
     training step's gradients from one Python call forward and one backward.
 
     input: (n, in_features); target: (n, out_features), or (n,) when out_features is 1;
     reduction 'mean' or 'sum'. Under autocast it runs as ``mlp`` then ``mse_loss``.
+
+    rows: optional indices (1-D, integer, each in [0, n)) of the batch in a dataset held
+    whole in ``input`` and ``target``: the loss of ``input[rows]``, ``target[rows]``,
+    with the rows gathered chunk by chunk as they are summed instead of copied out first
+    (on a CPU a large batch's step then reads the data once). Where nothing is summed in
+    forward (no gradients wanted, torch.func, torch.compile, autocast, or a dataset that
+    itself requires grad) it is exactly the gathered call.
     """
+    if rows is not None:
+        return _mlp_mse_loss_of_rows(input, weight1, bias1, weight2, bias2, target,
+                                     reduction, rows)
     shape1, shape2, dtype = weight1.shape, weight2.shape, input.dtype
     if (len(shape1) == 2 and len(shape2) == 2 and input.dim() == 2
             and input.shape[1] == shape1[1] and shape2[1] == shape1[0]
@@ -269,6 +280,39 @@ def mlp_mse_loss(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: 
     target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
     return MLPMSELossFunction.apply(*tensors, target, reduction,
                                     _with_grads(*tensors, target))[0]
+
+
+def _mlp_mse_loss_of_rows(input: Tensor, weight1: Tensor, bias1: Tensor | None,
+                          weight2: Tensor, bias2: Tensor | None, target: Tensor,
+                          reduction: str, rows: Tensor) -> Tensor:
+    """mlp_mse_loss of the batch ``rows`` of a dataset (see mlp_mse_loss)."""
+    layer = "mlp_mse_loss"
+    if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{layer}: rows must be a 1-D tensor of int64 (or int32) indices, "
+                        f"got {rows.dtype} of shape {tuple(rows.shape)}")
+    if rows.device != input.device:
+        raise ValueError(f"{layer}: rows are on {rows.device} but input is on "
+                         f"{input.device}; move them, e.g. rows.to(input.device)")
+    if input.dim() != 2 or target.shape[:1] != input.shape[:1]:
+        raise ValueError(f"{layer}: with rows, input must be the whole dataset (N, "
+                         f"in_features) and target (N, ...) with the same N; got "
+                         f"{tuple(input.shape)} and {tuple(target.shape)}")
+    if (input.requires_grad or target.requires_grad or not _may_sum_gradients()
+            or torch.is_autocast_enabled(input.device.type)):
+        return mlp_mse_loss(input[rows], weight1, bias1, weight2, bias2, target[rows],
+                            reduction)
+    tensors = _mlp_args(layer, input, weight1, bias1, weight2, bias2)
+    target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
+    try:
+        return MLPMSELossFunction.apply(*tensors, target, reduction,
+                                        _with_grads(*tensors, target), rows)[0]
+    except (RuntimeError, IndexError):
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < len(input)):
+            raise IndexError(
+                f"{layer}: rows must index the {len(input)} rows of input (0 <= i < "
+                f"{len(input)}), got values from {int(rows.min())} to {int(rows.max())}"
+            ) from None
+        raise
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:

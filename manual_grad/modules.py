@@ -264,11 +264,16 @@ class FusedMLP(nn.Sequential):
         modules = self._modules  # (self[i] costs a few us per call in nn.Sequential)
         return F.mlp(input, *weight_and_bias(modules["0"]), *weight_and_bias(modules["2"]))
 
-    def mse_loss(self, input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    def mse_loss(self, input: Tensor, target: Tensor, reduction: str = "mean",
+                 rows: Tensor | None = None) -> Tensor:
         """``mse_loss(self(input), target, reduction=reduction)`` as one Function that also
         sums every gradient in its forward pass (``MLPMSELossFunction``): the cheapest
         training step for a regression with this block. input: (n, in_features); target:
-        (n, out_features), or (n,) for one output; reduction 'mean' or 'sum'."""
+        (n, out_features), or (n,) for one output; reduction 'mean' or 'sum'.
+
+        rows: the batch's indices into a dataset passed whole as input and target: the
+        loss of ``self(input[rows])`` against ``target[rows]``, gathered as it is summed
+        (see ``functional.mlp_mse_loss``)."""
         modules = self._modules
         return F.mlp_mse_loss(input, *weight_and_bias(modules["0"]),
-                              *weight_and_bias(modules["2"]), target, reduction)
+                              *weight_and_bias(modules["2"]), target, reduction, rows)

@@ -288,3 +288,108 @@ def test_a_gradient_forward_was_not_told_to_sum_is_still_computed():
     got = torch.autograd.grad(loss, (W1, b1, W2, b2))
     want = torch.autograd.grad(torch_mlp_loss(x, W1, b1, W2, b2, y), (W1, b1, W2, b2))
     torch.testing.assert_close(got, want)
+
+
+# --- mlp_mse_loss(..., rows=): the batch gathered from a whole dataset as it is summed ---
+
+def dataset_and_rows(n_data=40, n=23, d_in=5, hidden=4, d_out=3, dtype=torch.float64,
+                     bias=True, seed=0):
+    """A dataset (X, Y) that needs no gradient, parameters that do, and a batch's rows
+    (repeats included, as a sampler with replacement gives)."""
+    X, W1, b1, W2, b2, Y = make_mlp(n_data, d_in, hidden, d_out, dtype, bias, seed,
+                                    grad_x=False)
+    rows = torch.randint(0, n_data, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return X, W1, b1, W2, b2, Y, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_loss_of_rows_is_the_loss_of_the_gathered_batch(small_chunks, dtype, reduction,
+                                                           bias):
+    # small_chunks: the 23 rows are gathered 3 at a time into the reused buffer
+    X, W1, b1, W2, b2, Y, rows = dataset_and_rows(dtype=dtype, bias=bias)
+    params = leaves((W1, b1, W2, b2))
+    loss = MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, reduction, rows=rows)
+    gathered = MF.mlp_mse_loss(X[rows], W1, b1, W2, b2, Y[rows], reduction)
+    expected = torch_mlp_loss(X[rows], W1, b1, W2, b2, Y[rows], reduction)  # torch.nn
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(loss, gathered, **tol)
+    torch.testing.assert_close(loss, expected, **tol)
+    for ours, theirs in zip(torch.autograd.grad(loss, params),
+                            torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_mlp_loss_of_rows_gradcheck_gradgradcheck_and_a_retained_graph(small_chunks):
+    X, W1, b1, W2, b2, Y, rows = dataset_and_rows(n=8)
+
+    def f(W1, b1, W2, b2):
+        return MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows)
+
+    assert gradcheck(f, (W1, b1, W2, b2))
+    assert gradgradcheck(f, (W1, b1, W2, b2))
+    loss = f(W1, b1, W2, b2)
+    first = torch.autograd.grad(loss, (W1, W2), retain_graph=True)
+    again = torch.autograd.grad(loss, (W1, W2))  # the sums were taken: summed again
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_fused_mlp_steps_from_rows_exactly_as_from_gathered_batches():
+    torch.manual_seed(0)
+    X, Y = torch.randn(500, 784), torch.randint(0, 10, (500,)).float()
+    a = manual_grad.FusedMLP(784, 50, 1)
+    b = manual_grad.FusedMLP(784, 50, 1)
+    b.load_state_dict(a.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (a, b)]
+    for rows in torch.randperm(500).split(128):  # the seed's (n,) targets, a short last batch
+        for opt in opts:
+            opt.zero_grad()
+        a.mse_loss(X, Y, rows=rows).backward()
+        b.mse_loss(X[rows], Y[rows]).backward()
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(a.state_dict(), b.state_dict())
+
+
+def test_mlp_loss_of_rows_where_nothing_is_summed_is_the_gathered_call():
+    X, W1, b1, W2, b2, Y, rows = dataset_and_rows()
+    with torch.no_grad():
+        torch.testing.assert_close(MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows),
+                                   torch_mlp_loss(X[rows], W1, b1, W2, b2, Y[rows]))
+    # a dataset that itself requires grad gets its rows' gradients, as X[rows] would
+    X.requires_grad_()
+    (gx,) = torch.autograd.grad(MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows), X)
+    (want,) = torch.autograd.grad(torch_mlp_loss(X[rows], W1, b1, W2, b2, Y[rows]), X)
+    torch.testing.assert_close(gx, want)
+    X.requires_grad_(False)
+    compiled = torch.compile(lambda *a: MF.mlp_mse_loss(*a, rows=rows), backend="aot_eager",
+                             fullgraph=True)
+    got = torch.autograd.grad(compiled(X, W1, b1, W2, b2, Y), (W1, W2))
+    want = torch.autograd.grad(torch_mlp_loss(X[rows], W1, b1, W2, b2, Y[rows]), (W1, W2))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("rows", "error", "message"),
+    [
+        (torch.tensor([0, 40]), IndexError, r"the 40 rows of input \(0 <= i < 40\)"),
+        (torch.tensor([-1, 3]), IndexError, r"got values from -1 to 3"),
+        (torch.tensor([0.0, 1.0]), TypeError, r"int64"),
+        (torch.zeros(2, 2, dtype=torch.long), TypeError, r"1-D"),
+    ],
+)
+def test_mlp_loss_of_bad_rows_is_named(rows, error, message):
+    X, W1, b1, W2, b2, Y, _ = dataset_and_rows()
+    with pytest.raises(error, match=message):
+        MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows)
+
+
+def test_mlp_loss_of_rows_needs_the_whole_dataset_and_refuses_dataset_sums():
+    from manual_grad.functions import MLPMSELossFunction
+
+    X, W1, b1, W2, b2, Y, rows = dataset_and_rows()
+    with pytest.raises(ValueError, match=r"same N"):
+        MF.mlp_mse_loss(X, W1, b1, W2, b2, Y[:10], rows=rows)
+    with pytest.raises(ValueError, match=r"gather the batch first"):
+        MLPMSELossFunction.apply(X, W1, b1, W2, b2, Y, "mean", (True,) * 6, rows)

@@ -209,27 +209,46 @@ class MLPMSELossFunction(Function):
     them by g, or recomputes them differentiably (double backward, transforms, compile).
     A whole training step's gradients then come from one Python call forward and one
     backward, with no intermediate graph nodes: the loss of ``FusedMLP.mse_loss``.
+
+    With ``rows`` (n indices into a whole dataset x: (N, in), y: (N, out)) the batch is
+    x[rows], y[rows], gathered chunk by chunk into one reused buffer while the chunk is
+    summed: the batch is never written out whole and read back, which on a CPU is a
+    third of a large batch's step. Gradients for x and y are not summed then.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, W1: Tensor, b1: Tensor | None, W2: Tensor, b2: Tensor | None,
-                y: Tensor, reduction: str,
-                with_grads: tuple[bool, ...] | None) -> tuple[Tensor | None, ...]:
+                y: Tensor, reduction: str, with_grads: tuple[bool, ...] | None,
+                rows: Tensor | None = None) -> tuple[Tensor | None, ...]:
         if with_grads is None:  # the loss only; backward will recompute
+            if rows is not None:
+                x, y = x.index_select(0, rows), y.index_select(0, rows)
             d = affine(affine(x, W1, b1).clamp_min_(0.0), W2, b2) - y
             return (_reduce(_sum_of_squares(d), reduction, d.numel()),) + (None,) * 6
         need_x, need_W1, need_b1, need_W2, need_b2, need_y = with_grads
         need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None
-        s2 = 2.0 * _scale(reduction, y.numel())
+        if rows is not None and (need_x or need_y):
+            raise ValueError("MLPMSELossFunction: with rows, no gradient is summed for the "
+                             "dataset x or y; gather the batch first (x[rows]) for those")
+        n = len(x) if rows is None else len(rows)
+        count = n * y.shape[1]  # the elements of the batch's loss
+        s2 = 2.0 * _scale(reduction, count)
         total = grad_W1 = grad_b1 = grad_W2 = grad_b2 = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
-        rows = _chunk_rows(x)
-        for start in range(0, len(x), rows):
-            xc, yc = (x, y) if rows >= len(x) else (x[start : start + rows],
-                                                     y[start : start + rows])
+        step = _chunk_rows(x)
+        buffer = x.new_empty(min(step, n), x.shape[1]) if rows is not None else None
+        for start in range(0, n, step):
+            if rows is not None:  # gather this chunk's rows into the reused buffer
+                index = rows[start : start + step]
+                xc = torch.index_select(x, 0, index, out=buffer[: len(index)])
+                yc = y.index_select(0, index)
+            elif step >= n:
+                xc, yc = x, y
+            else:
+                xc, yc = x[start : start + step], y[start : start + step]
             h = affine(xc, W1, b1).clamp_min_(0.0)
             d = affine(h, W2, b2).sub_(yc)
             total = _sum_into(total, _sum_of_squares(d))
@@ -245,37 +264,44 @@ class MLPMSELossFunction(Function):
                 if need_b1:
                     grad_b1 = _sum_into(grad_b1, grad_z.sum(0))
                 if grad_x is not None:
-                    torch.mm(grad_z, W1, out=grad_x[start : start + rows])
+                    torch.mm(grad_z, W1, out=grad_x[start : start + step])
             if grad_y is not None:
-                torch.neg(grad_o, out=grad_y[start : start + rows])
+                torch.neg(grad_o, out=grad_y[start : start + step])
         if total is None:  # no rows: zero sums
             total = x.new_zeros(())
             grad_W1, grad_W2 = (torch.zeros_like(W) if need else None
                                 for W, need in ((W1, need_W1), (W2, need_W2)))
             grad_b1, grad_b2 = (torch.zeros_like(b) if need else None
                                 for b, need in ((b1, need_b1), (b2, need_b2)))
-        return (_reduce(total, reduction, y.numel()), grad_x, grad_W1, grad_b1, grad_W2,
+        return (_reduce(total, reduction, count), grad_x, grad_W1, grad_b1, grad_W2,
                 grad_b2, grad_y)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        *tensors, reduction, with_grads = inputs
-        _keep(ctx, tensors, reduction, list(output[1:]), with_grads)
+        *tensors, reduction, with_grads = inputs[:8]
+        rows = inputs[8] if len(inputs) > 8 else None  # (compile passes no default)
+        _keep(ctx, [*tensors, rows], reduction, list(output[1:]), with_grads)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         need = ctx.needs_input_grad[:6]
         if g is None or not any(need):
-            return (None,) * 8
-        x, W1, b1, W2, b2, y = ctx.saved_tensors
-        sums = _take_sums(ctx, need, g, 8, lambda: MLPMSELossFunction.forward(
-            x, W1, b1, W2, b2, y, ctx.reduction, need)[1:])
+            return (None,) * 9
+        x, W1, b1, W2, b2, y, rows = ctx.saved_tensors
+        sums = _take_sums(ctx, need, g, 9, lambda: MLPMSELossFunction.forward(
+            x, W1, b1, W2, b2, y, ctx.reduction, need, rows)[1:])
         if sums is not None:
             return sums
         # the same lines, from the saved inputs, with ops autograd can differentiate again
-        h = affine(x, W1, b1).clamp_min(0.0)
-        grad_o = (affine(h, W2, b2) - y) * (2.0 * _scale(ctx.reduction, y.numel()) * g)
+        xb, yb = (x, y) if rows is None else (x.index_select(0, rows), y.index_select(0, rows))
+        h = affine(xb, W1, b1).clamp_min(0.0)
+        grad_o = (affine(h, W2, b2) - yb) * (2.0 * _scale(ctx.reduction, yb.numel()) * g)
         grad_z = (grad_o @ W2) * _unit_mask(h)
-        return (grad_z @ W1 if need[0] else None, grad_z.t() @ x if need[1] else None,
+        grad_x = grad_z @ W1 if need[0] else None
+        grad_y = -grad_o if need[5] else None
+        if rows is not None:  # the batch's rows' gradients, put back at those rows
+            grad_x = None if grad_x is None else x.new_zeros(x.shape).index_add(0, rows, grad_x)
+            grad_y = None if grad_y is None else y.new_zeros(y.shape).index_add(0, rows, grad_y)
+        return (grad_x, grad_z.t() @ xb if need[1] else None,
                 grad_z.sum(0) if need[2] else None, grad_o.t() @ h if need[3] else None,
-                grad_o.sum(0) if need[4] else None, -grad_o if need[5] else None, None, None)
+                grad_o.sum(0) if need[4] else None, grad_y, None, None, None)
