@@ -36,6 +36,7 @@ from manual_grad.functions import (
     SoftmaxFunction,
     TanhFunction,
 )
+from manual_grad.functions._fast_apply import traced
 from manual_grad.functions.losses import REDUCTIONS
 from manual_grad.functions.normalization import centred_stats
 
@@ -193,8 +194,7 @@ def _single_pass_checks(layer: str, input: Tensor, out_features: int, target: Te
 def _may_sum_gradients() -> bool:
     """Whether a single-pass forward may sum gradients: not when none are wanted, nor in
     torch.func transforms or torch.compile, where backward recomputes them instead."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+    return torch.is_grad_enabled() and not traced()
 
 
 def _with_grads(*tensors: Tensor | None) -> tuple[bool, ...] | None:

@@ -24,6 +24,13 @@ from torch.autograd import Function
 _torch_apply = Function.__dict__["apply"]  # torch's classmethod: binds, then runs the graph
 
 
+def traced() -> bool:
+    """Whether code is being traced rather than just run: inside a torch.func transform
+    (vmap, grad) or while torch.compile traces. There torch's own paths and out-of-place
+    ops are needed; elsewhere the eager shortcuts here and in the Functions may be taken."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def fast_apply(cls: type[Function]) -> type[Function]:
     """Give ``cls`` an eager-mode ``apply`` that skips argument binding (see module doc)."""
     signature = inspect.signature(cls.forward)
@@ -54,8 +61,7 @@ def fast_apply(cls: type[Function]) -> type[Function]:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             args = bound.args
-        if (torch.compiler.is_compiling() or not n_required <= len(args) <= n_params
-                or torch._C._are_functorch_transforms_active()):
+        if not n_required <= len(args) <= n_params or traced():
             return _torch_apply.__get__(None, klass)(*args)
         if len(args) < n_params:  # fill in forward's defaults, as torch's binding does
             args = args + defaults[len(args):]

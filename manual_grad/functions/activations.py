@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, traced
 
 
 def relu_mask(u: Tensor) -> Tensor:
@@ -15,12 +15,6 @@ def relu_mask(u: Tensor) -> Tensor:
     and 1 where u is NaN (torch lets a NaN's gradient through). Each op after the first
     works in place on the new tensor."""
     return u.clamp_max(1.0).ceil_().nan_to_num_(nan=1.0)
-
-
-def traced() -> bool:
-    """Whether this code is being traced rather than just run: inside a torch.func
-    transform (vmap, grad) or torch.compile. There only out-of-place ops are safe."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def relu_grad(g: Tensor, u: Tensor) -> Tensor:

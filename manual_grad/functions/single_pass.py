@@ -137,10 +137,10 @@ class LinearReLUMSELossFunction(Function):
         total = grad_W = grad_b = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
-        rows = _chunk_rows(x)
-        for start in range(0, len(x), rows):
-            xc, yc = (x, y) if rows >= len(x) else (x[start : start + rows],
-                                                     y[start : start + rows])
+        step = _chunk_rows(x)
+        for start in range(0, len(x), step):
+            xc, yc = (x, y) if step >= len(x) else (x[start : start + step],
+                                                     y[start : start + step])
             u = affine(xc, W, b).clamp_min_(0.0)
             d = u - yc
             total = _sum_into(total, _sum_of_squares(d))
@@ -151,9 +151,9 @@ class LinearReLUMSELossFunction(Function):
             if need_b and b is not None:
                 grad_b = _sum_into(grad_b, grad_z.sum(0))
             if grad_x is not None:
-                torch.mm(grad_z, W, out=grad_x[start : start + rows])
+                torch.mm(grad_z, W, out=grad_x[start : start + step])
             if grad_y is not None:
-                torch.neg(grad_u, out=grad_y[start : start + rows])
+                torch.neg(grad_u, out=grad_y[start : start + step])
         if total is None:  # no rows: zero sums
             total = x.new_zeros(())
             grad_W = torch.zeros_like(W) if need_W else None
