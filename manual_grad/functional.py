@@ -297,13 +297,15 @@ def _mlp_mse_loss_of_rows(input: Tensor, weight1: Tensor, bias1: Tensor | None,
         raise ValueError(f"{layer}: with rows, input must be the whole dataset (N, "
                          f"in_features) and target (N, ...) with the same N; got "
                          f"{tuple(input.shape)} and {tuple(target.shape)}")
-    if (input.requires_grad or target.requires_grad or not _may_sum_gradients()
-            or torch.is_autocast_enabled(input.device.type)):
-        return mlp_mse_loss(input[rows], weight1, bias1, weight2, bias2, target[rows],
-                            reduction)
-    tensors = _mlp_args(layer, input, weight1, bias1, weight2, bias2)
-    target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
     try:
+        if (input.requires_grad or target.requires_grad or not _may_sum_gradients()
+                or torch.is_autocast_enabled(input.device.type)):
+            # nothing summed in forward: the gathered call (index_select, like the
+            # summing path, takes indices in [0, N) only)
+            return mlp_mse_loss(input.index_select(0, rows), weight1, bias1, weight2,
+                                bias2, target.index_select(0, rows), reduction)
+        tensors = _mlp_args(layer, input, weight1, bias1, weight2, bias2)
+        target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
         return MLPMSELossFunction.apply(*tensors, target, reduction,
                                         _with_grads(*tensors, target), rows)[0]
     except (RuntimeError, IndexError):

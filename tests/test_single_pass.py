@@ -383,6 +383,8 @@ def test_mlp_loss_of_bad_rows_is_named(rows, error, message):
     X, W1, b1, W2, b2, Y, _ = dataset_and_rows()
     with pytest.raises(error, match=message):
         MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows)
+    with torch.no_grad(), pytest.raises(error, match=message):  # the gathering path too
+        MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows)
 
 
 def test_mlp_loss_of_rows_needs_the_whole_dataset_and_refuses_dataset_sums():
