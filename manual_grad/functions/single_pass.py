@@ -76,7 +76,7 @@ def _keep(ctx: Any, tensors: list[Tensor | None], reduction: str,
     # The sums are kept on ctx, not saved: nothing but backward sees them, and backward
     # takes them (each is used once), so the gradients it returns are its caller's alone
     # (AccumulateGrad can take them as .grad without a copy).
-    ctx.reduction, ctx.sums, ctx.precomputed = reduction, grads, with_grads is not None
+    ctx.reduction, ctx.sums, ctx.with_grads = reduction, grads, with_grads
 
 
 def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
@@ -85,19 +85,18 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
     them differentiably (double backward, or no sums were made: transforms, compile).
     A second backward through a retained graph finds them taken and calls ``resum``,
     which sums them again the same way, so that every backward gives the same bits (as
-    it does when a gradient asked for was not among those ``with_grads`` named)."""
-    if not ctx.precomputed or torch.is_grad_enabled():
+    it does when the gradients asked for are not the ones ``with_grads`` named)."""
+    if ctx.with_grads is None or torch.is_grad_enabled():
         return None
     sums, ctx.sums = ctx.sums, None
-    if sums is None or any(wanted and t is None for t, wanted in zip(sums, need, strict=True)):
+    if sums is None or need != ctx.with_grads:  # (forward summed exactly with_grads)
         sums = resum()
     if not (g.device.type == "cpu" and g.item() == 1.0):  # 1: loss.backward()'s own g
         # all of them times g in one call (one kernel launch on a GPU, no sync to read g)
         present = [t for t in sums if t is not None]
         if present:
             torch._foreach_mul_(present, g)
-    return tuple(t if wanted else None for t, wanted in zip(sums, need, strict=True)) + \
-        (None,) * (n_args - len(sums))
+    return (*sums, *(None,) * (n_args - len(sums)))
 
 
 @fast_apply
@@ -170,12 +169,12 @@ class LinearReLUMSELossFunction(Function):
         need = ctx.needs_input_grad[:4]
         if g is None or not any(need):
             return None, None, None, None, None, None
-        x, W, b, y = ctx.saved_tensors
         # each gradient was summed for g = 1 in forward: scale it (a scalar product)
         sums = _take_sums(ctx, need, g, 6, lambda: LinearReLUMSELossFunction.forward(
-            x, W, b, y, ctx.reduction, need)[1:])
+            *ctx.saved_tensors, ctx.reduction, need)[1:])
         if sums is not None:
             return sums
+        x, W, b, y = ctx.saved_tensors
         # the same lines, from the saved inputs, with ops autograd can differentiate again
         u = affine(x, W, b).clamp_min(0.0)
         grad_u = (u - y) * (2.0 * _scale(ctx.reduction, y.numel()) * g)
@@ -239,17 +238,21 @@ class MLPMSELossFunction(Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
         step = _chunk_rows(x)
-        buffer = x.new_empty(min(step, n), x.shape[1]) if rows is not None else None
+        buffer = x.new_empty(step, x.shape[1]) if rows is not None and step < n else None
         for start in range(0, n, step):
-            if rows is not None:  # gather this chunk's rows into the reused buffer
+            if buffer is not None:  # gather this chunk's rows into the reused buffer
                 index = rows[start : start + step]
                 xc = torch.index_select(x, 0, index, out=buffer[: len(index)])
                 yc = y.index_select(0, index)
+            elif rows is not None:  # one chunk: the whole batch
+                xc, yc = x.index_select(0, rows), y.index_select(0, rows)
             elif step >= n:
                 xc, yc = x, y
             else:
                 xc, yc = x[start : start + step], y[start : start + step]
-            h = affine(xc, W1, b1).clamp_min_(0.0)
+            hT = (W1 @ xc.t() if b1 is None else torch.addmm(b1[:, None], W1, xc.t())
+                  ).clamp_min_(0.0)
+            h = hT.t()
             d = affine(h, W2, b2).sub_(yc)
             total = _sum_into(total, _sum_of_squares(d))
             grad_o = d.mul_(s2)  # dC/do for g = 1 (d is not needed any more)
@@ -258,13 +261,13 @@ class MLPMSELossFunction(Function):
             if need_b2:
                 grad_b2 = _sum_into(grad_b2, grad_o.sum(0))
             if need_x or need_W1 or need_b1:
-                grad_z = (grad_o @ W2).mul_(_unit_mask(h))  # dC/dh * (h > 0)
+                grad_zT = (W2.t() @ grad_o.t()).mul_(_unit_mask(hT))  # dC/dh * (h > 0)
                 if need_W1:
-                    grad_W1 = _mm_into(grad_W1, grad_z.t(), xc)
+                    grad_W1 = _mm_into(grad_W1, grad_zT, xc)
                 if need_b1:
-                    grad_b1 = _sum_into(grad_b1, grad_z.sum(0))
+                    grad_b1 = _sum_into(grad_b1, grad_zT.sum(1))
                 if grad_x is not None:
-                    torch.mm(grad_z, W1, out=grad_x[start : start + step])
+                    torch.mm(grad_zT.t(), W1, out=grad_x[start : start + step])
             if grad_y is not None:
                 torch.neg(grad_o, out=grad_y[start : start + step])
         if total is None:  # no rows: zero sums
@@ -287,11 +290,11 @@ class MLPMSELossFunction(Function):
         need = ctx.needs_input_grad[:6]
         if g is None or not any(need):
             return (None,) * 9
-        x, W1, b1, W2, b2, y, rows = ctx.saved_tensors
         sums = _take_sums(ctx, need, g, 9, lambda: MLPMSELossFunction.forward(
-            x, W1, b1, W2, b2, y, ctx.reduction, need, rows)[1:])
+            *ctx.saved_tensors[:6], ctx.reduction, need, ctx.saved_tensors[6])[1:])
         if sums is not None:
             return sums
+        x, W1, b1, W2, b2, y, rows = ctx.saved_tensors
         # the same lines, from the saved inputs, with ops autograd can differentiate again
         xb, yb = (x, y) if rows is None else (x.index_select(0, rows), y.index_select(0, rows))
         h = affine(xb, W1, b1).clamp_min(0.0)
