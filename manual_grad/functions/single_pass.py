@@ -250,6 +250,9 @@ class MLPMSELossFunction(Function):
                 xc, yc = x, y
             else:
                 xc, yc = x[start : start + step], y[start : start + step]
+            # h^T = max(0, W1 x^T + b1), (hidden, n): the same numbers as h, in the layout
+            # whose product MKL makes fastest here, and from which dC/dz^T comes out ready
+            # for dC/dW1 = dC/dz^T x
             hT = (W1 @ xc.t() if b1 is None else torch.addmm(b1[:, None], W1, xc.t())
                   ).clamp_min_(0.0)
             h = hT.t()
@@ -261,7 +264,8 @@ class MLPMSELossFunction(Function):
             if need_b2:
                 grad_b2 = _sum_into(grad_b2, grad_o.sum(0))
             if need_x or need_W1 or need_b1:
-                grad_zT = (W2.t() @ grad_o.t()).mul_(_unit_mask(hT))  # dC/dh * (h > 0)
+                # dC/dz^T = (dC/do W2)^T * (h > 0)^T = W2^T dC/do^T * (h^T > 0)
+                grad_zT = (W2.t() @ grad_o.t()).mul_(_unit_mask(hT))
                 if need_W1:
                     grad_W1 = _mm_into(grad_W1, grad_zT, xc)
                 if need_b1:
