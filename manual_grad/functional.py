@@ -323,8 +323,10 @@ def _mlp_mse_loss_of_rows(input: Tensor, weight1: Tensor, bias1: Tensor | None,
         else:
             tensors = _mlp_args(layer, input, weight1, bias1, weight2, bias2)
             target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
+        # (gradients may be summed, checked above; input and target need none)
+        with_grads = (False, *(t is not None and t.requires_grad for t in tensors[1:]), False)
         return MLPMSELossFunction.apply(*tensors, target, reduction,
-                                        _with_grads(*tensors, target), rows)[0]
+                                        with_grads if any(with_grads) else None, rows)[0]
     except (RuntimeError, IndexError):
         _same_device(layer, input=input, weight1=weight1, bias1=bias1, weight2=weight2,
                      bias2=bias2, target=target)

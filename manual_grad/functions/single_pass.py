@@ -91,7 +91,7 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
     sums, ctx.sums = ctx.sums, None
     if sums is None or need != ctx.with_grads:  # (forward summed exactly with_grads)
         sums = resum()
-    if not (g.device.type == "cpu" and g.item() == 1.0):  # 1: loss.backward()'s own g
+    if not (g.is_cpu and g.item() == 1.0):  # 1: loss.backward()'s own g
         # all of them times g in one call (one kernel launch on a GPU, no sync to read g)
         present = [t for t in sums if t is not None]
         if present:
