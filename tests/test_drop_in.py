@@ -95,6 +95,20 @@ def test_cuda_autocast_follows_torch_dtypes(dtype):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=5e-2, atol=5e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_autocast_on_another_device_leaves_the_layers_alone():
+    # The usual-case checks only ask whether autocast is on for *any* device; CPU
+    # autocast must then still leave CUDA tensors in float32, as torch does.
+    theirs = seed_network(nn, dtype=torch.float32).cuda()
+    ours = seed_network(manual_grad, dtype=torch.float32).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    X = torch.randn(64, 784, device="cuda")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out1, out2 = ours(X), theirs(X)
+    assert out1.dtype == out2.dtype == torch.float32
+    torch.testing.assert_close(out1, out2, rtol=1e-4, atol=1e-5)  # (TF32 may differ)
+
+
 def _reparametrize(kind, layer):
     """Apply a torch.nn.utils tool that moves ``weight`` (and ``bias``) out of the
     layer's _parameters, deterministically."""

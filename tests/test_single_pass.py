@@ -387,6 +387,17 @@ def test_mlp_loss_of_bad_rows_is_named(rows, error, message):
         MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows)
 
 
+@pytest.mark.parametrize("with_rows", [True, False])
+def test_mlp_loss_names_tensors_on_two_devices(with_rows):
+    # the usual-case path reads no device; torch's failure is named as the checks would
+    X, W1, b1, W2, b2, Y, rows = dataset_and_rows()
+    W1, b1 = (t.detach().to("meta").requires_grad_() for t in (W1, b1))
+    batch = (X, Y, rows) if with_rows else (X[rows], Y[rows], None)
+    with pytest.raises(RuntimeError, match=r"different devices \(input on cpu, weight1 on "
+                       r"meta, bias1 on meta"):
+        MF.mlp_mse_loss(batch[0], W1, b1, W2, b2, batch[1], rows=batch[2])
+
+
 def test_mlp_loss_of_rows_needs_the_whole_dataset_and_refuses_dataset_sums():
     from manual_grad.functions import MLPMSELossFunction
 
