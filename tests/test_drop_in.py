@@ -96,7 +96,7 @@ def test_cuda_autocast_follows_torch_dtypes(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_autocast_on_another_device_leaves_the_layers_alone():
+def test_cpu_autocast_leaves_cuda_layers_alone():
     # The usual-case checks only ask whether autocast is on for *any* device; CPU
     # autocast must then still leave CUDA tensors in float32, as torch does.
     theirs = seed_network(nn, dtype=torch.float32).cuda()
