@@ -21,6 +21,9 @@ from torch.autograd import Function
 from manual_grad.functions._fast_apply import fast_apply
 from manual_grad.functions.linear import affine
 
+# The gradients a forward summed, one per input (None where none was wanted)
+Sums = tuple[Tensor | None, ...]
+
 CHUNK_BYTES = 4 << 20  # rows per chunk: ~4 MB of input, which stays in a CPU's cache
 
 
@@ -68,9 +71,8 @@ def _unit_mask(u: Tensor) -> Tensor:
 
 
 def _keep(ctx: Any, tensors: list[Tensor | None], reduction: str,
-          grads: list[Tensor | None], with_grads: tuple[bool, ...] | None) -> None:
+          grads: Sums | None, with_grads: tuple[bool, ...] | None) -> None:
     """setup_context of both Functions: the inputs, and the sums forward made (if any)."""
-    ctx.mark_non_differentiable(*(t for t in grads if t is not None))
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*tensors)
     # The sums are kept on ctx, not saved: nothing but backward sees them, and backward
@@ -80,7 +82,7 @@ def _keep(ctx: Any, tensors: list[Tensor | None], reduction: str,
 
 
 def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
-               resum: Callable[[], tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...] | None:
+               resum: Callable[[], Sums | None]) -> tuple[Tensor | None, ...] | None:
     """The gradients forward summed for g = 1, times g; None when backward must recompute
     them differentiably (double backward, or no sums were made: transforms, compile).
     A second backward through a retained graph finds them taken and calls ``resum``,
@@ -116,8 +118,10 @@ class LinearReLUMSELossFunction(Function):
 
     ``forward`` (when ``with_grads`` says which of x, W, b, y will need gradients) sums
     these for g = 1 chunk by chunk, while each chunk of x is in cache, and returns them
-    as extra outputs; ``backward`` takes them and multiplies them by g, in place (they
-    are not the caller's: ``linear_relu_mse_loss`` returns the loss alone). When a graph
+    beside the loss as one plain tuple (None when nothing was summed): a value autograd
+    passes through, not four more outputs for it to wrap and mark non-differentiable.
+    ``backward`` takes them and multiplies them by g, in place (they are not the
+    caller's: ``linear_relu_mse_loss`` returns the loss alone). When a graph
     of the backward itself is wanted (double backward), or they were not computed (inside
     torch.func transforms and torch.compile), ``backward`` recomputes the same lines from
     x, W, b, y with differentiable ops.
@@ -127,10 +131,10 @@ class LinearReLUMSELossFunction(Function):
 
     @staticmethod
     def forward(x: Tensor, W: Tensor, b: Tensor | None, y: Tensor, reduction: str,
-                with_grads: tuple[bool, bool, bool, bool] | None) -> tuple[Tensor | None, ...]:
+                with_grads: tuple[bool, bool, bool, bool] | None) -> tuple[Tensor, Sums | None]:
         if with_grads is None:  # the loss only; backward will recompute
             d = affine(x, W, b).clamp_min_(0.0) - y
-            return _reduce(_sum_of_squares(d), reduction, d.numel()), None, None, None, None
+            return _reduce(_sum_of_squares(d), reduction, d.numel()), None
         need_x, need_W, need_b, need_y = with_grads
         s2 = 2.0 * _scale(reduction, y.numel())
         total = grad_W = grad_b = None  # sums over the chunks so far
@@ -157,12 +161,12 @@ class LinearReLUMSELossFunction(Function):
             total = x.new_zeros(())
             grad_W = torch.zeros_like(W) if need_W else None
             grad_b = torch.zeros_like(b) if need_b and b is not None else None
-        return _reduce(total, reduction, y.numel()), grad_x, grad_W, grad_b, grad_y
+        return _reduce(total, reduction, y.numel()), (grad_x, grad_W, grad_b, grad_y)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         *tensors, reduction, with_grads = inputs
-        _keep(ctx, tensors, reduction, list(output[1:]), with_grads)
+        _keep(ctx, tensors, reduction, output[1], with_grads)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
@@ -171,7 +175,7 @@ class LinearReLUMSELossFunction(Function):
             return None, None, None, None, None, None
         # each gradient was summed for g = 1 in forward: scale it (a scalar product)
         sums = _take_sums(ctx, need, g, 6, lambda: LinearReLUMSELossFunction.forward(
-            *ctx.saved_tensors, ctx.reduction, need)[1:])
+            *ctx.saved_tensors, ctx.reduction, need)[1])
         if sums is not None:
             return sums
         x, W, b, y = ctx.saved_tensors
@@ -220,12 +224,12 @@ class MLPMSELossFunction(Function):
     @staticmethod
     def forward(x: Tensor, W1: Tensor, b1: Tensor | None, W2: Tensor, b2: Tensor | None,
                 y: Tensor, reduction: str, with_grads: tuple[bool, ...] | None,
-                rows: Tensor | None = None) -> tuple[Tensor | None, ...]:
+                rows: Tensor | None = None) -> tuple[Tensor, Sums | None]:
         if with_grads is None:  # the loss only; backward will recompute
             if rows is not None:
                 x, y = x.index_select(0, rows), y.index_select(0, rows)
             d = affine(affine(x, W1, b1).clamp_min_(0.0), W2, b2) - y
-            return (_reduce(_sum_of_squares(d), reduction, d.numel()),) + (None,) * 6
+            return _reduce(_sum_of_squares(d), reduction, d.numel()), None
         need_x, need_W1, need_b1, need_W2, need_b2, need_y = with_grads
         need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None
         if rows is not None and (need_x or need_y):
@@ -280,14 +284,14 @@ class MLPMSELossFunction(Function):
                                 for W, need in ((W1, need_W1), (W2, need_W2)))
             grad_b1, grad_b2 = (torch.zeros_like(b) if need else None
                                 for b, need in ((b1, need_b1), (b2, need_b2)))
-        return (_reduce(total, reduction, count), grad_x, grad_W1, grad_b1, grad_W2,
-                grad_b2, grad_y)
+        return _reduce(total, reduction, count), (grad_x, grad_W1, grad_b1, grad_W2, grad_b2,
+                                                  grad_y)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         *tensors, reduction, with_grads = inputs[:8]
         rows = inputs[8] if len(inputs) > 8 else None  # (compile passes no default)
-        _keep(ctx, [*tensors, rows], reduction, list(output[1:]), with_grads)
+        _keep(ctx, [*tensors, rows], reduction, output[1], with_grads)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
@@ -295,7 +299,7 @@ class MLPMSELossFunction(Function):
         if g is None or not any(need):
             return (None,) * 9
         sums = _take_sums(ctx, need, g, 9, lambda: MLPMSELossFunction.forward(
-            *ctx.saved_tensors[:6], ctx.reduction, need, ctx.saved_tensors[6])[1:])
+            *ctx.saved_tensors[:6], ctx.reduction, need, ctx.saved_tensors[6])[1])
         if sums is not None:
             return sums
         x, W1, b1, W2, b2, y, rows = ctx.saved_tensors
