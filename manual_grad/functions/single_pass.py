@@ -40,7 +40,7 @@ def _reduce(total: Tensor, reduction: str, numel: int) -> Tensor:
 
 def _chunk_rows(x: Tensor) -> int:
     """Rows per chunk: ~CHUNK_BYTES of x on a CPU; all of them on a GPU (no cache to fit)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return max(1, len(x))
     return max(1, CHUNK_BYTES // max(1, x.shape[1] * x.element_size()))
 
@@ -243,6 +243,8 @@ class MLPMSELossFunction(Function):
         grad_y = torch.empty_like(y) if need_y else None
         step = _chunk_rows(x)
         buffer = x.new_empty(step, x.shape[1]) if rows is not None and step < n else None
+        W2t = W2.t()  # (hidden, out)
+        b1_col = None if b1 is None else b1[:, None]  # (hidden, 1): added to h^T's columns
         for start in range(0, n, step):
             if buffer is not None:  # gather this chunk's rows into the reused buffer
                 index = rows[start : start + step]
@@ -257,19 +259,20 @@ class MLPMSELossFunction(Function):
             # h^T = max(0, W1 x^T + b1), (hidden, n): the same numbers as h, in the layout
             # whose product MKL makes fastest here, and from which dC/dz^T comes out ready
             # for dC/dW1 = dC/dz^T x
-            hT = (W1 @ xc.t() if b1 is None else torch.addmm(b1[:, None], W1, xc.t())
+            hT = (W1 @ xc.t() if b1_col is None else torch.addmm(b1_col, W1, xc.t())
                   ).clamp_min_(0.0)
             h = hT.t()
-            d = affine(h, W2, b2).sub_(yc)
+            d = (h @ W2t if b2 is None else torch.addmm(b2, h, W2t)).sub_(yc)  # o - y
             total = _sum_into(total, _sum_of_squares(d))
             grad_o = d.mul_(s2)  # dC/do for g = 1 (d is not needed any more)
+            grad_oT = grad_o.t()
             if need_W2:
-                grad_W2 = _mm_into(grad_W2, grad_o.t(), h)
+                grad_W2 = _mm_into(grad_W2, grad_oT, h)
             if need_b2:
                 grad_b2 = _sum_into(grad_b2, grad_o.sum(0))
             if need_x or need_W1 or need_b1:
                 # dC/dz^T = (dC/do W2)^T * (h > 0)^T = W2^T dC/do^T * (h^T > 0)
-                grad_zT = (W2.t() @ grad_o.t()).mul_(_unit_mask(hT))
+                grad_zT = (W2t @ grad_oT).mul_(_unit_mask(hT))
                 if need_W1:
                     grad_W1 = _mm_into(grad_W1, grad_zT, xc)
                 if need_b1:
