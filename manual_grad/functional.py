@@ -324,7 +324,9 @@ def _mlp_mse_loss_of_rows(input: Tensor, weight1: Tensor, bias1: Tensor | None,
             tensors = _mlp_args(layer, input, weight1, bias1, weight2, bias2)
             target = _single_pass_checks(layer, input, weight2.shape[0], target, reduction)
         # (gradients may be summed, checked above; input and target need none)
-        with_grads = (False, *(t is not None and t.requires_grad for t in tensors[1:]), False)
+        w1, b1, w2, b2 = tensors[1:]
+        with_grads = (False, w1.requires_grad, b1 is not None and b1.requires_grad,
+                      w2.requires_grad, b2 is not None and b2.requires_grad, False)
         return MLPMSELossFunction.apply(*tensors, target, reduction,
                                         with_grads if any(with_grads) else None, rows)[0]
     except (RuntimeError, IndexError):
