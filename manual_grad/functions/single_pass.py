@@ -91,6 +91,9 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
     if ctx.with_grads is None or torch.is_grad_enabled():
         return None
     sums, ctx.sums = ctx.sums, None
+    # The saved inputs are not unpacked here: the sums do not read them, so, as for any
+    # torch op whose backward does not read a tensor, changing them in place after forward
+    # (an optimiser step, say) is no error; only a re-sum reads (and checks) them.
     if sums is None or need != ctx.with_grads:  # (forward summed exactly with_grads)
         sums = resum()
     if not (g.is_cpu and g.item() == 1.0):  # 1: loss.backward()'s own g
