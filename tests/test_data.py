@@ -1,5 +1,7 @@
 """MNISTDataModule: loading, standardising, splitting, falling back, and batching by index."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -55,6 +57,41 @@ def test_missing_mnist_falls_back_to_digits_loudly(tmp_path, monkeypatch):
     dm.setup("fit")
     assert dm.splits["train"][0].shape[1] == 64
     assert len(dm.splits["train"][0]) + len(dm.splits["val"][0]) == 1797 - 1797 // 5
+
+
+def _offline_after_mkdir(root, train=True, download=False):
+    """torchvision's MNIST without a network: it makes root/MNIST/raw, then fails."""
+    (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+    raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nno network")
+
+
+def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _offline_after_mkdir)
+    with pytest.warns(UserWarning, match="download failed: no network"):
+        MNISTDataModule(data_dir=str(tmp_path / "data"))
+    assert list(tmp_path.iterdir()) == []  # data/MNIST/raw, all made by the try, are gone
+
+
+def test_failed_download_keeps_folders_that_hold_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _offline_after_mkdir)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")  # the user's folder, there before
+    with pytest.warns(UserWarning, match="download failed"):
+        MNISTDataModule(data_dir=str(data))
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt"]
+    assert (data / "notes.txt").read_text() == "mine"
+
+    def partial_then_fail(root, train=True, download=False):  # a half-written download
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b")
+        raise RuntimeError("connection reset")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", partial_then_fail)
+    with pytest.warns(UserWarning, match="download failed: connection reset"):
+        MNISTDataModule(data_dir=str(data))
+    assert (data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file()  # not deleted
 
 
 def test_strict_mode_makes_missing_data_an_error(tmp_path):

@@ -23,6 +23,17 @@ SPLIT_FILES = {"train": "train", "test": "t10k"}
 TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` that are empty, innermost first: a failed download
+    leaves no empty tree behind. A folder with anything in it (a partial file, or a
+    user's) stays: rmdir refuses it."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 class BatchGroup:
     """Consecutive (x, y) batches for one Lightning step, each cut from the resident tensors
     only when the training step reaches it: cutting the whole group at once would hold
@@ -168,9 +179,12 @@ class MNISTDataModule(L.LightningDataModule):
         if dataset == "digits" or self._present(dataset, data_dir):
             return dataset
         reason = "download=False"
+        raw = self._raw_dir(dataset, data_dir)
         if download:
             import torchvision
 
+            # the folders torchvision makes before it downloads (data_dir/MNIST/raw)
+            made = [p for p in (data_dir, raw.parent, raw) if not p.exists()]
             try:
                 getattr(torchvision.datasets, TORCHVISION_CLASS[dataset])(
                     str(data_dir), train=True, download=True)
@@ -179,7 +193,7 @@ class MNISTDataModule(L.LightningDataModule):
                 return dataset
             except Exception as err:  # no network, proxy, disk: all mean "not here"
                 reason = f"download failed: {str(err).strip().splitlines()[-1]}"
-        raw = self._raw_dir(dataset, data_dir)
+                _remove_empty(made)
         how = (f"put train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz) and the "
                f"t10k-* files in {raw}, or run once with network access")
         if fallback is None:
