@@ -129,6 +129,25 @@ def test_cli_resume_with_ckpt_path_last_continues_the_previous_run(tiny_mnist, t
     assert second.trainer.global_step == 10
 
 
+def test_a_new_run_and_its_resume_leave_the_old_runs_last_ckpt_alone(tiny_mnist, tmp_path):
+    common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
+              "16", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false"]
+    ckpts = tmp_path / "runs" / "mnist_regression" / "checkpoints"
+    os.chdir(tmp_path)
+    try:
+        main(["fit", *common, "--trainer.max_epochs", "1"])  # run A: last.ckpt
+        old = (ckpts / "last.ckpt").read_bytes()
+        main(["fit", *common, "--trainer.max_epochs", "1", "--seed_everything", "1"])  # run B
+        assert (ckpts / "last-v1.ckpt").is_file() and (ckpts / "last.ckpt").read_bytes() == old
+        os.utime(ckpts / "last-v1.ckpt")  # B's is the newest, whatever the clock's resolution
+        resumed = main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    finally:
+        os.chdir(ROOT)
+    assert resumed.trainer.global_step == 10  # B continued: "last" is the newest last*.ckpt
+    assert torch.load(ckpts / "last-v1.ckpt", weights_only=True)["global_step"] == 10
+    assert (ckpts / "last.ckpt").read_bytes() == old  # A's file, byte for byte
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
