@@ -8,7 +8,9 @@ torch.nn, the drop-in manual_grad layers, the FusedMLP block (with MSELoss, with
 loss fused in: ``FusedMLP.mse_loss``, and with the batch's gather fused in as well:
 ``FusedMLP.mse_loss(X, Y, rows=idx)``, which reads the batch from the resident dataset
 as it sums), and both drop-in models under
-torch.compile(fullgraph=True) (ratio against compiled torch.nn). Two rows bound what any
+torch.compile(fullgraph=True) (ratio against compiled torch.nn). One row splits the
+drop-in's cost: the same Functions called straight from the modules, without
+manual_grad.functional's argument checks (what the checks cost). Two rows bound what any
 implementation can reach: three bare autograd.Functions with the same math and no checks
 (the cost of Python Functions themselves), and the batch gather plus the two large matrix
 products alone, with no ReLU, loss, autograd or optimiser (the arithmetic floor).
@@ -24,6 +26,8 @@ from torch.autograd import Function
 
 import manual_grad
 from bench.common import devices, interleaved, ms, table
+from manual_grad.functions import LinearFunction, MSELossFunction, ReLUFunction
+from manual_grad.modules import weight_and_bias
 
 N_EPOCH = 60_000
 
@@ -82,6 +86,23 @@ class bare:  # noqa: N801 (a stand-in for a module namespace, as torch.nn)
     class MSELoss(nn.MSELoss):
         def forward(self, u, y):
             return _BareMSE.apply(u, y)
+
+
+class unchecked:  # noqa: N801 (a stand-in for a module namespace, as torch.nn)
+    """The drop-in modules less manual_grad.functional's argument checks: each forward
+    calls its Function (the very one the drop-in uses) directly."""
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            return LinearFunction.apply(x, *weight_and_bias(self))
+
+    class ReLU(nn.ReLU):
+        def forward(self, z):
+            return ReLUFunction.apply(z, self.inplace)
+
+    class MSELoss(nn.MSELoss):
+        def forward(self, u, y):
+            return MSELossFunction.apply(u, y, self.reduction)
 
 
 def build(lib, device):
@@ -164,6 +185,7 @@ def main() -> None:
              "manual_grad FusedMLP": "fused",
              "manual_grad FusedMLP.mse_loss (loss fused)": "fused loss",
              "manual_grad FusedMLP.mse_loss(X, Y, rows=idx) (gather fused too)": "fused rows",
+             "drop-in's Functions without the argument checks": unchecked,
              "floor: bare autograd.Functions, same math": bare}
     if args.compiled_only:
         impls = {}
