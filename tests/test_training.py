@@ -263,6 +263,53 @@ def test_several_steps_per_lightning_step_take_the_same_steps(tiny_mnist, tmp_pa
     assert [logged[i] for i in range(15)] == pytest.approx(losses1, rel=1e-12)
 
 
+class StepLossesAndSizes(StepLosses):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.sizes.append(len(batch[1]))
+
+
+@pytest.mark.parametrize("impl", ["manual", "native"])
+def test_epoch_metrics_are_means_over_every_sample(tiny_mnist, impl):
+    """train/val/test metrics are logged once per epoch from running sums: each must be
+    the mean over the epoch's samples, with a short last batch weighing its size (80
+    training images in batches of 7, 16 validation images in batches of 7)."""
+    L.seed_everything(0)
+    dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=7, val_size=16, download=False)
+    model = MNISTRegressor(in_features=784, hidden=12, impl=impl)
+    rec = StepLossesAndSizes()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", precision=64, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[rec])
+    trainer.fit(model, dm)
+    steps = len(rec.sizes) // 2  # the last epoch's steps
+    losses = torch.tensor(rec.losses[steps:], dtype=torch.float64)
+    sizes = torch.tensor(rec.sizes[steps:])
+    assert sizes.tolist() == [7] * 11 + [3]
+    train_mse = float(trainer.callback_metrics["train_mse"])
+    assert train_mse == pytest.approx(float((losses * sizes).sum() / sizes.sum()), rel=1e-12)
+
+    def expected(split):  # the torch.nn oracle over the whole split at once
+        x, y = dm.splits[split]
+        with torch.no_grad():
+            out = model.double()(x.double())
+        return (torch.nn.functional.mse_loss(out, y.double()).item(),
+                (out.round() == y).double().mean().item())
+
+    metrics = trainer.validate(model, dm, verbose=False)[0]
+    val_mse, val_acc = expected("val")
+    assert metrics["val_mse"] == pytest.approx(val_mse, rel=1e-12)
+    assert metrics["val_acc"] == pytest.approx(val_acc, rel=1e-12)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    test_mse, test_acc = expected("test")
+    assert metrics["test_mse"] == pytest.approx(test_mse, rel=1e-12)
+    assert metrics["test_acc"] == pytest.approx(test_acc, rel=1e-12)
+
+
 def test_steps_per_batch_needs_resident_data(tiny_mnist):
     with pytest.raises(ValueError, match="data.steps_per_batch must be >= 1 and needs "
                                          "data.resident"):
