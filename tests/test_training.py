@@ -187,17 +187,23 @@ def test_offline_digits_config_runs_end_to_end(tmp_path):
 def test_ddp_on_two_cpu_processes_equals_one_process_on_the_global_batch(tiny_mnist, tmp_path):
     common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
               "16", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
-              "--trainer.precision", "64", "--trainer.max_steps", "4"]
-    states = []
+              "--trainer.precision", "64", "--trainer.max_steps", "5"]  # one epoch
+    states, metrics = [], []
     for name, extra in (("single", ["--data.batch_size", "16"]),
                         ("ddp", ["--data.batch_size", "8", "--trainer.strategy", "ddp",
                                  "--trainer.devices", "2"])):
         (tmp_path / name).mkdir()
         done = run_train("fit", *common, *extra, cwd=tmp_path / name, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        ckpt = tmp_path / name / "runs" / "mnist_regression" / "checkpoints" / "last.ckpt"
-        states.append(torch.load(ckpt, weights_only=False)["state_dict"])
+        run = tmp_path / name / "runs" / "mnist_regression"
+        states.append(torch.load(run / "checkpoints" / "last.ckpt",
+                                 weights_only=False)["state_dict"])
+        with (run / "version_0" / "metrics.csv").open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("val_mse")]
+        metrics.append({k: float(rows[-1][k]) for k in ("val_mse", "val_acc")})
     torch.testing.assert_close(states[1], states[0], rtol=1e-10, atol=1e-12)
+    # each process validates half the 16 images; the logged means are over all 16
+    assert metrics[1] == pytest.approx(metrics[0], rel=1e-10)
 
 
 @pytest.mark.skipif(not T10K.is_dir(), reason=f"real MNIST test set not found in {T10K}")

@@ -196,8 +196,8 @@ class DigitModel(L.LightningModule):
 
     def _log_epoch_means(self, stage: str) -> None:
         for name, (total, count) in self._epoch_sums.pop(stage, {}).items():
-            # batch_size=count: under DDP Lightning sums both sides over the processes,
-            # so the logged value is the mean over every process's samples
+            # batch_size=count: under DDP Lightning reduces value * count and count alike
+            # over the processes, so the logged value is the mean over all their samples
             self.log(name, total / count, prog_bar=True, batch_size=count, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
