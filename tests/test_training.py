@@ -316,6 +316,29 @@ def test_epoch_metrics_are_means_over_every_sample(tiny_mnist, impl):
     assert metrics["test_acc"] == pytest.approx(test_acc, rel=1e-12)
 
 
+def test_an_interrupted_validation_leaves_nothing_to_the_next(tiny_mnist):
+    class StopOnce(L.Callback):
+        stopped = False
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                    dataloader_idx=0):
+            if not self.stopped:
+                self.stopped = True
+                raise RuntimeError("interrupted")
+
+    dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=7, val_size=16, download=False)
+    model = MNISTRegressor(in_features=784, hidden=12)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StopOnce()])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.validate(model, dm, verbose=False)  # one batch summed, then stopped
+    metrics = trainer.validate(model, dm, verbose=False)[0]
+    x, y = dm.splits["val"]
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model(x), y).item()
+    assert metrics["val_mse"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_steps_per_batch_needs_resident_data(tiny_mnist):
     with pytest.raises(ValueError, match="data.steps_per_batch must be >= 1 and needs "
                                          "data.resident"):

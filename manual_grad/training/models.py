@@ -200,6 +200,17 @@ class DigitModel(L.LightningModule):
             # over the processes, so the logged value is the mean over all their samples
             self.log(name, total / count, prog_bar=True, batch_size=count, sync_dist=True)
 
+    # each stage starts from zero: an epoch cut short (an exception, Ctrl-C in a notebook)
+    # must not leave its partial sums to the next one
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_sums.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._epoch_sums.pop("test", None)
+
     def on_train_epoch_end(self) -> None:
         self._log_epoch_means("train")
 
