@@ -316,6 +316,32 @@ def test_epoch_metrics_are_means_over_every_sample(tiny_mnist, impl):
     assert metrics["test_acc"] == pytest.approx(test_acc, rel=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_bfloat16_losses_are_averaged_in_float32(tiny_mnist, k):
+    """80 one-image steps of losses ~10-50: a bfloat16 running sum would round each
+    addition to a multiple of 2-8 once past a few hundred."""
+    L.seed_everything(0)
+    dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=1, val_size=16, download=False,
+                         steps_per_batch=k)
+    model = MNISTRegressor(in_features=784, hidden=12, steps_per_batch=k,  # losses stay
+                           optimizer=lambda params: torch.optim.SGD(params, lr=1e-4))  # finite
+    logger = CSVLogger(tiny_mnist, name=f"bf16-k{k}") if k > 1 else False
+    rec = StepLosses()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-true",
+                        logger=logger, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[rec] if k == 1 else [])
+    trainer.fit(model, dm)
+    if k > 1:  # the grouped steps' losses, as logged
+        trainer.logger.save()
+        with (Path(trainer.logger.log_dir) / "metrics.csv").open() as f:
+            rec.losses = [float(r["train_mse_step"]) for r in csv.DictReader(f)
+                          if r.get("train_mse_step")]
+    assert len(rec.losses) == 80
+    expected = sum(rec.losses) / 80  # the bfloat16 losses, averaged in float64
+    assert float(trainer.callback_metrics["train_mse"]) == pytest.approx(expected, rel=1e-6)
+
+
 def test_an_interrupted_validation_leaves_nothing_to_the_next(tiny_mnist):
     class StopOnce(L.Callback):
         stopped = False

@@ -123,8 +123,9 @@ class DigitModel(L.LightningModule):
             losses.append(loss.detach())
             sizes.append(len(y))
         per_step = torch.stack(losses)
+        wide = per_step.to(torch.promote_types(per_step.dtype, torch.float32))
         self._add_to_epoch_mean("train", f"train_{self.metric}",
-                                (per_step * per_step.new_tensor(sizes)).sum(), sum(sizes))
+                                (wide * wide.new_tensor(sizes)).sum(), sum(sizes))
         if self.logger is not None:  # every step's loss is still recorded, at its step
             first = self.global_step - len(losses)
             for i, value in enumerate(per_step.tolist()):
@@ -188,6 +189,8 @@ class DigitModel(L.LightningModule):
         ``self.log`` costs ~0.7 ms a call on a 2-core CPU, more than a whole batch-64
         training step; a running sum costs two small tensor ops and no host sync.
         """
+        # summed in float32 at least: a bfloat16 running sum has 8 significant bits
+        total = total.to(torch.promote_types(total.dtype, torch.float32))
         sums = self._epoch_sums.setdefault(stage, {})
         if name in sums:
             old_total, old_count = sums[name]
