@@ -56,6 +56,8 @@ class DigitModel(L.LightningModule):
 
     Subclasses set ``self.net`` and ``self.loss_fn`` and say whether they regress the
     digit's value (metric ``mse``, the seed's task) or classify it (metric ``loss``).
+    The epoch metrics are summed in the steps and logged in the ``on_*_epoch_start`` /
+    ``on_*_epoch_end`` hooks: a subclass that overrides those calls ``super()`` too.
     """
 
     metric = "loss"
