@@ -15,6 +15,7 @@ from conftest import fit_grouped
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+import manual_grad
 from manual_grad.training import MNISTDataModule, MNISTRegressor, ResidentLoader
 from manual_grad.training.cli import main
 
@@ -363,6 +364,37 @@ def test_an_interrupted_validation_leaves_nothing_to_the_next(tiny_mnist):
     with torch.no_grad():
         expected = torch.nn.functional.mse_loss(model(x), y).item()
     assert metrics["val_mse"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fused_grouped_steps_read_the_rows_from_the_split(tiny_mnist, monkeypatch):
+    """impl fused with data.steps_per_batch: each step's loss reads its batch's rows from
+    the resident split (FusedMLP.mse_loss(X, Y, rows=idx)), no gathered copy, and takes
+    the steps the gathered batches take."""
+    calls = []
+    mse_loss = manual_grad.FusedMLP.mse_loss
+
+    def spy(self, input, target, reduction="mean", rows=None):
+        calls.append(rows is not None)
+        return mse_loss(self, input, target, reduction, rows)
+
+    monkeypatch.setattr(manual_grad.FusedMLP, "mse_loss", spy)
+    results = []
+    for reads_rows in (True, False):
+        L.seed_everything(0)
+        dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=7, val_size=16,
+                             download=False, steps_per_batch=4)
+        model = MNISTRegressor(in_features=784, hidden=12, impl="fused", steps_per_batch=4)
+        model.reads_rows = reads_rows
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, limit_val_batches=0)
+        calls.clear()
+        trainer.fit(model, dm)
+        results.append((model.state_dict(), float(trainer.callback_metrics["train_mse"])))
+        assert trainer.global_step == 24 and calls == [reads_rows] * 24  # 12 steps an epoch
+    (rows_state, rows_mse), (gathered_state, gathered_mse) = results
+    torch.testing.assert_close(rows_state, gathered_state, rtol=1e-5, atol=1e-6)
+    assert rows_mse == pytest.approx(gathered_mse, rel=1e-5)
 
 
 def test_steps_per_batch_needs_resident_data(tiny_mnist):

@@ -9,7 +9,7 @@ MSE loss as one (``FusedMLP.mse_loss``); the CNN has no fused block and runs as 
 """
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import manual_grad
 from manual_grad.training.cuda_graph import GraphedSteps
+from manual_grad.training.data import BatchGroup
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 Impl = Literal["manual", "native", "fused"]
@@ -89,6 +90,26 @@ class DigitModel(L.LightningModule):
         """The loss a training step minimises (validation and test use ``loss_fn``)."""
         return self.loss_fn(self(x), self.target(y))
 
+    # whether ``rows_loss`` reads a batch's rows from the resident split itself
+    reads_rows = False
+
+    def rows_loss(self, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        """``training_loss(x[rows], y[rows])`` for x, y a whole resident split."""
+        return self.training_loss(x[rows], y[rows])
+
+    def _grouped_inputs(self, batch: Any, graphed: GraphedSteps | None) -> Iterator[tuple]:
+        """A group's steps as (x, y) batches, or as (x, y, rows) with x, y the whole split
+        when ``rows_loss`` reads the rows itself: then no batch is gathered. That needs the
+        split as the step would see it, so not under a precision that converts the input
+        (64-bit, half), nor with CUDA graphs (whose input buffers take gathered batches)."""
+        precision = self.trainer.precision_plugin
+        if (self.reads_rows and graphed is None and isinstance(batch, BatchGroup)
+                and type(precision) is Precision):
+            return ((batch.x, batch.y, rows) for rows in batch.indices)
+        # the batches are cut lazily (data.BatchGroup), after Lightning's conversion of the
+        # step's input: convert each as it would have (e.g. to float64 under precision 64)
+        return map(precision.convert_input, batch)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
             x, y = batch
@@ -101,19 +122,17 @@ class DigitModel(L.LightningModule):
         opt = self.optimizers()
         plain = self._plain_inner_steps() and hasattr(opt, "_on_after_step")
         graphed = self._graphed_steps(opt.optimizer, plain) if self._use_graph else None
-        # the batches are cut lazily (data.BatchGroup), after Lightning's conversion of the
-        # step's input: convert each as it would have (e.g. to float64 under precision 64)
-        convert = self.trainer.precision_plugin.convert_input
         losses, sizes = [], []
-        for x, y in map(convert, batch):
+        for step in self._grouped_inputs(batch, graphed):  # (x, y) or (x, y, rows)
+            n = len(step[-1])
             if graphed is not None:  # replayed (see cuda_graph.py), counted as below
                 opt._on_before_step()
-                losses.append(graphed.step(x, y))
+                losses.append(graphed.step(*step))
                 opt._on_after_step()
-                sizes.append(len(y))
+                sizes.append(n)
                 continue
             opt.zero_grad(set_to_none=True)
-            loss = self.training_loss(x, y)
+            loss = self.rows_loss(*step) if len(step) == 3 else self.training_loss(*step)
             if plain:  # the plain loop's body, plus Lightning's step count (global_step)
                 loss.backward()
                 opt._on_before_step()
@@ -123,7 +142,7 @@ class DigitModel(L.LightningModule):
                 self.manual_backward(loss)
                 opt.step()
             losses.append(loss.detach())
-            sizes.append(len(y))
+            sizes.append(n)
         per_step = torch.stack(losses)
         wide = per_step.to(torch.promote_types(per_step.dtype, torch.float32))
         self._add_to_epoch_mean("train", f"train_{self.metric}",
@@ -277,6 +296,7 @@ class MNISTRegressor(DigitModel):
                                           "cuda_graph"])
         self.net = mlp(self.lib, impl, in_features, hidden, 1)
         self.loss_fn = self.lib.MSELoss()
+        self.reads_rows = impl == "fused"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)  # (N, 1) -> (N,), the shape of the targets
@@ -286,6 +306,11 @@ class MNISTRegressor(DigitModel):
             # numbers, a step's gradients from one call forward and one backward
             return self.net.mse_loss(x, self.target(y))
         return super().training_loss(x, y)
+
+    def rows_loss(self, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        if self.impl == "fused":  # the batch's rows read from the split as they are summed
+            return self.net.mse_loss(x, self.target(y), rows=rows)
+        return super().rows_loss(x, y, rows)
 
     def predict_digit(self, out: Tensor) -> Tensor:
         return out.round()  # a regression on the digit's value is right when it rounds to it
