@@ -105,3 +105,24 @@ def test_mse_module_mirrors_torch_nn_mseloss():
     with pytest.warns(UserWarning, match="size_average"):  # legacy arguments, as in torch
         assert manual_grad.MSELoss(size_average=False).reduction == "sum"
     assert manual_grad.MSELoss().state_dict() == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mse_plain_and_differentiable_backwards_agree_with_torch(reduction, dtype):
+    # A plain backward scales u - y in place by a kept tensor; one that builds a graph
+    # (create_graph, and likewise vmap and compile) multiplies out of place. Both must give
+    # torch's gradients, for each reduction and for a half type (scale kept in float32).
+    u = torch.randn(6, 5, dtype=dtype, requires_grad=True)
+    y = torch.randn(6, 5, dtype=dtype, requires_grad=True)
+    g = torch.rand(6, 5, dtype=dtype) if reduction == "none" else torch.tensor(3.0, dtype=dtype)
+    plain = torch.autograd.grad(MF.mse_loss(u, y, reduction=reduction), (u, y), g)
+    graphed = torch.autograd.grad(MF.mse_loss(u, y, reduction=reduction), (u, y), g,
+                                  create_graph=True)
+    theirs = torch.autograd.grad(torch.nn.functional.mse_loss(u, y, reduction=reduction),
+                                 (u, y), g)
+    close = tol(dtype) if dtype != torch.bfloat16 else {"rtol": 1e-2, "atol": 1e-2}
+    for a, b, c in zip(plain, graphed, theirs, strict=True):
+        assert a.dtype == c.dtype
+        torch.testing.assert_close(a, c, **close)
+        torch.testing.assert_close(b.detach(), c, **close)

@@ -6,10 +6,16 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._constants import constant
+from manual_grad.functions._fast_apply import fast_apply, traced
 
 REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's loss kernels take these
+
+
+def _scalar_dtype(t: Tensor) -> torch.dtype:
+    """The dtype torch computes t's products with a number in: float32 for half types."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 @fast_apply
@@ -52,7 +58,10 @@ class MSELossFunction(Function):
         d = u - y  # broadcast shape; equals u's shape (functional.mse_loss checks)
         # max(.., 1): an empty batch has an empty gradient, not a division by zero.
         scale = 2.0 / max(d.numel(), 1) if ctx.reduction == "mean" else 2.0
-        grad_d = d * (g * scale)  # (scale * g first: a scalar product unless 'none')
+        if torch.is_grad_enabled() or traced():  # a graph of this backward is wanted
+            grad_d = d * (g * scale)  # (scale * g first: a scalar product unless 'none')
+        else:  # d is new here: scale it in place, by a kept tensor (see _constants)
+            grad_d = d.mul_(g).mul_(constant(scale, _scalar_dtype(g)))
         grad_u = grad_y = None
         if needs_u:
             grad_u = grad_d if u.shape == d.shape else grad_d.sum_to_size(u.shape)

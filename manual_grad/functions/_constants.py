@@ -1,0 +1,28 @@
+"""Numbers as kept 0-dim tensors, for the eager backward passes.
+
+A Python number in a tensor op (``g * 0.5``, ``u != 0``) is turned into a new 0-dim tensor
+on every call. Measured on a 2-core CPU with torch 2.14, that costs ~1.5 us in plain code
+and ~4 us inside a backward pass, where a 64 x 50 ReLU's whole backward node takes ~20 us
+(torch's own: ~18 us). The backward passes below make each such number once, as a CPU
+tensor of the operand's dtype, and keep it: a 0-dim CPU tensor stands in for a number in
+an op on any device, exactly as the tensor torch would make of it does.
+"""
+
+import torch
+from torch import Tensor
+
+_kept: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def constant(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-dim CPU tensor of ``dtype``, made on the first call and kept.
+
+    Only for ops run eagerly (not traced, no graph of them recorded): a tensor made under
+    inference mode or under a tensor subclass's mode (e.g. FakeTensorMode) is used once
+    and not kept, so what is kept is always a plain tensor."""
+    kept = _kept.get((value, dtype))
+    if kept is None:
+        kept = torch.tensor(value, dtype=dtype, device="cpu")
+        if type(kept) is Tensor and not kept.is_inference():
+            _kept[(value, dtype)] = kept
+    return kept

@@ -1,0 +1,48 @@
+"""The kept 0-dim tensors that eager backward passes use in place of Python numbers."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from manual_grad.functions._constants import constant
+
+
+def test_a_constant_is_made_once_per_value_and_dtype():
+    c = constant(0.375, torch.float32)
+    assert c is constant(0.375, torch.float32)
+    assert c.shape == () and c.dtype == torch.float32 and c.device.type == "cpu"
+    assert c.item() == 0.375
+    other = constant(0.375, torch.float64)
+    assert other is not c and other.dtype == torch.float64
+    assert constant(0.5, torch.float32) is not c
+
+
+def test_a_constant_made_under_inference_mode_is_used_but_not_kept():
+    with torch.inference_mode():
+        inside = constant(0.8125, torch.float32)
+    assert inside.is_inference() and inside.item() == 0.8125
+    outside = constant(0.8125, torch.float32)
+    assert not outside.is_inference()  # a later normal call gets (and keeps) a normal one
+    assert outside is constant(0.8125, torch.float32)
+
+
+def test_a_constant_made_under_a_fake_tensor_mode_is_not_kept():
+    with FakeTensorMode():
+        fake = constant(0.5625, torch.float32)
+    assert type(fake) is not torch.Tensor
+    kept = constant(0.5625, torch.float32)
+    assert type(kept) is torch.Tensor and kept.item() == 0.5625
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_plain_backwards_leave_the_kept_constants_unchanged(dtype):
+    # the relu and mse backward passes multiply into new tensors, never into the constant
+    import manual_grad.functional as MF
+
+    x = torch.randn(8, 3, dtype=dtype, requires_grad=True)
+    y = torch.randn(8, 3, dtype=dtype)
+    for _ in range(3):
+        MF.mse_loss(MF.relu(x), y).backward()
+    assert constant(0.0, dtype).item() == 0.0
+    scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    assert constant(2.0 / 24, scale_dtype).item() == torch.tensor(2.0 / 24, dtype=scale_dtype)
