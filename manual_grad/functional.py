@@ -46,6 +46,9 @@ from manual_grad.functions.normalization import centred_stats
 # which ask about the input's own device.
 _any_autocast = torch._C._is_any_autocast_enabled
 
+# The entry points on a training step's path (linear, relu, mse_loss, the fused blocks)
+# call their Function's eager twin themselves unless traced() (see functions/_fast_apply).
+
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul in on t's device, or None when it is off."""
@@ -137,12 +140,16 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     input: (*, in_features), weight: (out_features, in_features), bias: (out_features,).
     """
-    return LinearFunction.apply(*_linear_args("linear", input, weight, bias))
+    args = _linear_args("linear", input, weight, bias)
+    return LinearFunction.apply(*args) if traced() else LinearFunction._eager_apply(*args)
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """relu(linear(input, weight, bias)) in one fused Function (one Python call)."""
-    return LinearReLUFunction.apply(*_linear_args("linear_relu", input, weight, bias))
+    args = _linear_args("linear_relu", input, weight, bias)
+    if traced():
+        return LinearReLUFunction.apply(*args)
+    return LinearReLUFunction._eager_apply(*args)
 
 
 def _mlp_args(layer: str, input: Tensor, weight1: Tensor, bias1: Tensor | None,
@@ -169,7 +176,8 @@ def _mlp_args(layer: str, input: Tensor, weight1: Tensor, bias1: Tensor | None,
 def mlp(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
         bias2: Tensor | None) -> Tensor:
     """linear(relu(linear(input, weight1, bias1)), weight2, bias2) in one fused Function."""
-    return MLPFunction.apply(*_mlp_args("mlp", input, weight1, bias1, weight2, bias2))[0]
+    args = _mlp_args("mlp", input, weight1, bias1, weight2, bias2)
+    return (MLPFunction.apply(*args) if traced() else MLPFunction._eager_apply(*args))[0]
 
 
 def _single_pass_checks(layer: str, input: Tensor, out_features: int, target: Tensor,
@@ -346,7 +354,9 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     With ``inplace=True`` the input tensor is overwritten with the result (and
     returned), as in torch; the backward reads only the output, so nothing is lost.
     """
-    return ReLUFunction.apply(input, inplace)
+    if traced():
+        return ReLUFunction.apply(input, inplace)
+    return ReLUFunction._eager_apply(input, inplace)
 
 
 def mse_loss(
@@ -366,7 +376,9 @@ def mse_loss(
     if (target.shape == input.shape and input.dtype == target.dtype
             and input.device == target.device and reduction in REDUCTIONS
             and size_average is None and reduce is None and not _any_autocast()):
-        return MSELossFunction.apply(input, target, reduction)  # the usual case, checked
+        if traced():  # the usual case, checked
+            return MSELossFunction.apply(input, target, reduction)
+        return MSELossFunction._eager_apply(input, target, reduction)
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     if reduction not in REDUCTIONS:

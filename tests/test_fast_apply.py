@@ -129,3 +129,30 @@ def test_a_subclass_goes_through_torchs_path_as_itself():
     assert type(y.grad_fn)._forward_cls is Sub
     (gW,) = torch.autograd.grad(y.sum(), W1)
     torch.testing.assert_close(gW, x.detach().sum(0).expand_as(W1))
+
+
+
+FUNCTIONAL_CALLS = {  # functional's entry points that call the twin themselves
+    "linear": ("LinearFunction", lambda F, x, W1, b1, W2, b2, y: F.linear(x, W1, b1)),
+    "linear_relu": ("LinearReLUFunction", lambda F, x, W1, b1, W2, b2, y:
+                    F.linear_relu(x, W1, b1)),
+    "mlp": ("MLPFunction", lambda F, x, W1, b1, W2, b2, y: F.mlp(x, W1, b1, W2, b2)),
+    "relu": ("ReLUFunction", lambda F, x, W1, b1, W2, b2, y: F.relu(x - 0.2)),
+    "mse_loss": ("MSELossFunction", lambda F, x, W1, b1, W2, b2, y:
+                 F.mse_loss(F.mlp(x, W1, b1, W2, b2), y)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONAL_CALLS))
+def test_functional_calls_the_twin_eagerly_and_torchs_path_under_vmap(name):
+    import manual_grad.functional as F
+    from manual_grad import functions
+
+    cls_name, call = FUNCTIONAL_CALLS[name]
+    args = inputs()
+    out = call(F, *args)
+    assert type(out.grad_fn)._forward_cls is getattr(functions, cls_name)._eager_twin
+    # under vmap the same call must take torch's path: the twin cannot run there
+    x, *rest = (t.detach() for t in args)
+    batched = torch.func.vmap(lambda xs: call(F, xs, *rest))(x.unsqueeze(0))
+    torch.testing.assert_close(batched[0], out.detach())
