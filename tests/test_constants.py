@@ -34,9 +34,21 @@ def test_a_constant_made_under_a_fake_tensor_mode_is_not_kept():
     assert type(kept) is torch.Tensor and kept.item() == 0.5625
 
 
+def test_a_constant_for_a_half_type_is_float32_as_torch_computes_with_numbers():
+    x32 = torch.linspace(0.1, 100, 1000)
+    for half in (torch.float16, torch.bfloat16):
+        c = constant(0.1, half)
+        assert c.dtype == torch.float32
+        x = x32.to(half)
+        product = x * c
+        assert product.dtype == half
+        assert torch.equal(product, x * 0.1)  # exactly what the number gives, where a
+        assert not torch.equal(x * torch.tensor(0.1, dtype=half), x * 0.1)  # half one fails
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_plain_backwards_leave_the_kept_constants_unchanged(dtype):
-    # the relu and mse backward passes multiply into new tensors, never into the constant
+    # the relu and mse backward passes multiply into new tensors, never into a constant
     import manual_grad.functional as MF
 
     x = torch.randn(8, 3, dtype=dtype, requires_grad=True)
@@ -44,5 +56,5 @@ def test_plain_backwards_leave_the_kept_constants_unchanged(dtype):
     for _ in range(3):
         MF.mse_loss(MF.relu(x), y).backward()
     assert constant(0.0, dtype).item() == 0.0
-    scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    assert constant(2.0 / 24, scale_dtype).item() == torch.tensor(2.0 / 24, dtype=scale_dtype)
+    kept_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    assert constant(2.0 / 24, dtype).item() == torch.tensor(2.0 / 24, dtype=kept_dtype).item()

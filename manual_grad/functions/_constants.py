@@ -14,15 +14,21 @@ from torch import Tensor
 _kept: dict[tuple[float, torch.dtype], Tensor] = {}
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def constant(value: float, dtype: torch.dtype) -> Tensor:
-    """``value`` as a 0-dim CPU tensor of ``dtype``, made on the first call and kept.
+    """``value`` as a 0-dim CPU tensor, for ops on tensors of ``dtype``, made on the first
+    call and kept. Its dtype is ``dtype``, or float32 for the half types, whose arithmetic
+    with a number torch does in float32 (a half-precision constant would round it first).
 
     Only for ops run eagerly (not traced, no graph of them recorded): a tensor made under
     inference mode or under a tensor subclass's mode (e.g. FakeTensorMode) is used once
     and not kept, so what is kept is always a plain tensor."""
     kept = _kept.get((value, dtype))
     if kept is None:
-        kept = torch.tensor(value, dtype=dtype, device="cpu")
+        kept = torch.tensor(value, dtype=torch.float32 if dtype in _HALF else dtype,
+                            device="cpu")
         if type(kept) is Tensor and not kept.is_inference():
             _kept[(value, dtype)] = kept
     return kept

@@ -13,11 +13,6 @@ REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's loss kernels take these
 
 
-def _scalar_dtype(t: Tensor) -> torch.dtype:
-    """The dtype torch computes t's products with a number in: float32 for half types."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-
-
 @fast_apply
 class MSELossFunction(Function):
     r"""Mean squared error, as ``torch.nn.functional.mse_loss``.
@@ -61,7 +56,7 @@ class MSELossFunction(Function):
         if torch.is_grad_enabled() or traced():  # a graph of this backward is wanted
             grad_d = d * (g * scale)  # (scale * g first: a scalar product unless 'none')
         else:  # d is new here: scale it in place, by a kept tensor (see _constants)
-            grad_d = d.mul_(g).mul_(constant(scale, _scalar_dtype(g)))
+            grad_d = d.mul_(g).mul_(constant(scale, g.dtype))
         grad_u = grad_y = None
         if needs_u:
             grad_u = grad_d if u.shape == d.shape else grad_d.sum_to_size(u.shape)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad.functions._constants import constant
 from manual_grad.functions._fast_apply import fast_apply
 from manual_grad.functions.linear import affine
 
@@ -36,6 +37,14 @@ def _scale(reduction: str, numel: int) -> float:
 def _reduce(total: Tensor, reduction: str, numel: int) -> Tensor:
     """The loss from the sum of squares; the mean of nothing is NaN, as in torch."""
     return total / numel if reduction == "mean" else total
+
+
+def _reduce_sum(total: Tensor, reduction: str, numel: int) -> Tensor:
+    """``_reduce`` for a summing forward (eager only, ``total`` its own): divided in place
+    by a kept tensor, not a number (see ``_constants``)."""
+    if reduction != "mean":
+        return total
+    return total.div_(constant(float(numel), total.dtype))
 
 
 def _chunk_rows(x: Tensor) -> int:
@@ -139,7 +148,7 @@ class LinearReLUMSELossFunction(Function):
             d = affine(x, W, b).clamp_min_(0.0) - y
             return _reduce(_sum_of_squares(d), reduction, d.numel()), None
         need_x, need_W, need_b, need_y = with_grads
-        s2 = 2.0 * _scale(reduction, y.numel())
+        s2 = constant(2.0 * _scale(reduction, y.numel()), x.dtype)  # (see _constants)
         total = grad_W = grad_b = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
@@ -164,7 +173,7 @@ class LinearReLUMSELossFunction(Function):
             total = x.new_zeros(())
             grad_W = torch.zeros_like(W) if need_W else None
             grad_b = torch.zeros_like(b) if need_b and b is not None else None
-        return _reduce(total, reduction, y.numel()), (grad_x, grad_W, grad_b, grad_y)
+        return _reduce_sum(total, reduction, y.numel()), (grad_x, grad_W, grad_b, grad_y)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
@@ -240,7 +249,7 @@ class MLPMSELossFunction(Function):
                              "dataset x or y; gather the batch first (x[rows]) for those")
         n = len(x) if rows is None else len(rows)
         count = n * y.shape[1]  # the elements of the batch's loss
-        s2 = 2.0 * _scale(reduction, count)
+        s2 = constant(2.0 * _scale(reduction, count), x.dtype)  # (see _constants)
         total = grad_W1 = grad_b1 = grad_W2 = grad_b2 = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
@@ -290,7 +299,7 @@ class MLPMSELossFunction(Function):
                                 for W, need in ((W1, need_W1), (W2, need_W2)))
             grad_b1, grad_b2 = (torch.zeros_like(b) if need else None
                                 for b, need in ((b1, need_b1), (b2, need_b2)))
-        return _reduce(total, reduction, count), (grad_x, grad_W1, grad_b1, grad_W2, grad_b2,
+        return _reduce_sum(total, reduction, count), (grad_x, grad_W1, grad_b1, grad_W2, grad_b2,
                                                   grad_y)
 
     @staticmethod
