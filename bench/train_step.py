@@ -196,7 +196,7 @@ def main() -> None:
         for batch in args.batches:
             # each turn is ~30-60 ms of steps: short enough that neighbouring turns see
             # the same machine speed, long enough to time
-            steps = max(1, 60 * 64 // batch) if device.type == "cpu" else 50
+            steps = max(3, 60 * 64 // batch) if device.type == "cpu" else 50
             fns = {name: steps_fn(lib, X, Y, batch, steps) for name, lib in impls.items()}
             if not args.compiled_only:
                 fns["floor: gather + the two big products only"] = floor_fn(X, Y, batch, steps)

@@ -58,3 +58,12 @@ def test_plain_backwards_leave_the_kept_constants_unchanged(dtype):
     assert constant(0.0, dtype).item() == 0.0
     kept_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     assert constant(2.0 / 24, dtype).item() == torch.tensor(2.0 / 24, dtype=kept_dtype).item()
+
+
+def test_kept_constants_are_bounded():
+    from manual_grad.functions import _constants
+
+    for n in range(_constants._MAX_KEPT + 10):  # e.g. a scale per batch size
+        constant(1.0 / (n + 1), torch.float64)
+    assert len(_constants._kept) <= _constants._MAX_KEPT
+    assert constant(0.25, torch.float64).item() == 0.25

@@ -299,8 +299,8 @@ class MLPMSELossFunction(Function):
                                 for W, need in ((W1, need_W1), (W2, need_W2)))
             grad_b1, grad_b2 = (torch.zeros_like(b) if need else None
                                 for b, need in ((b1, need_b1), (b2, need_b2)))
-        return _reduce_sum(total, reduction, count), (grad_x, grad_W1, grad_b1, grad_W2, grad_b2,
-                                                  grad_y)
+        grads = (grad_x, grad_W1, grad_b1, grad_W2, grad_b2, grad_y)
+        return _reduce_sum(total, reduction, count), grads
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
