@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import manual_grad.functional as MF
+from manual_grad.functions import _constants
 from manual_grad.functions._constants import constant
 
 
@@ -49,8 +51,6 @@ def test_a_constant_for_a_half_type_is_float32_as_torch_computes_with_numbers():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_plain_backwards_leave_the_kept_constants_unchanged(dtype):
     # the relu and mse backward passes multiply into new tensors, never into a constant
-    import manual_grad.functional as MF
-
     x = torch.randn(8, 3, dtype=dtype, requires_grad=True)
     y = torch.randn(8, 3, dtype=dtype)
     for _ in range(3):
@@ -61,8 +61,6 @@ def test_plain_backwards_leave_the_kept_constants_unchanged(dtype):
 
 
 def test_kept_constants_are_bounded():
-    from manual_grad.functions import _constants
-
     for n in range(_constants._MAX_KEPT + 10):  # e.g. a scale per batch size
         constant(1.0 / (n + 1), torch.float64)
     assert len(_constants._kept) <= _constants._MAX_KEPT

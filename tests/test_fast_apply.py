@@ -4,8 +4,10 @@ and both give the same values and gradients (they run the same forward and backw
 import pytest
 import torch
 
+import manual_grad.functional as F
 from manual_grad.functions import (
     LinearFunction,
+    LinearReLUFunction,
     MLPFunction,
     MSELossFunction,
     ReLUFunction,
@@ -133,26 +135,23 @@ def test_a_subclass_goes_through_torchs_path_as_itself():
 
 
 FUNCTIONAL_CALLS = {  # functional's entry points that call the twin themselves
-    "linear": ("LinearFunction", lambda F, x, W1, b1, W2, b2, y: F.linear(x, W1, b1)),
-    "linear_relu": ("LinearReLUFunction", lambda F, x, W1, b1, W2, b2, y:
+    "linear": (LinearFunction, lambda x, W1, b1, W2, b2, y: F.linear(x, W1, b1)),
+    "linear_relu": (LinearReLUFunction, lambda x, W1, b1, W2, b2, y:
                     F.linear_relu(x, W1, b1)),
-    "mlp": ("MLPFunction", lambda F, x, W1, b1, W2, b2, y: F.mlp(x, W1, b1, W2, b2)),
-    "relu": ("ReLUFunction", lambda F, x, W1, b1, W2, b2, y: F.relu(x - 0.2)),
-    "mse_loss": ("MSELossFunction", lambda F, x, W1, b1, W2, b2, y:
+    "mlp": (MLPFunction, lambda x, W1, b1, W2, b2, y: F.mlp(x, W1, b1, W2, b2)),
+    "relu": (ReLUFunction, lambda x, W1, b1, W2, b2, y: F.relu(x - 0.2)),
+    "mse_loss": (MSELossFunction, lambda x, W1, b1, W2, b2, y:
                  F.mse_loss(F.mlp(x, W1, b1, W2, b2), y)),
 }
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONAL_CALLS))
 def test_functional_calls_the_twin_eagerly_and_torchs_path_under_vmap(name):
-    import manual_grad.functional as F
-    from manual_grad import functions
-
-    cls_name, call = FUNCTIONAL_CALLS[name]
+    cls, call = FUNCTIONAL_CALLS[name]
     args = inputs()
-    out = call(F, *args)
-    assert type(out.grad_fn)._forward_cls is getattr(functions, cls_name)._eager_twin
+    out = call(*args)
+    assert type(out.grad_fn)._forward_cls is cls._eager_twin
     # under vmap the same call must take torch's path: the twin cannot run there
     x, *rest = (t.detach() for t in args)
-    batched = torch.func.vmap(lambda xs: call(F, xs, *rest))(x.unsqueeze(0))
+    batched = torch.func.vmap(lambda xs: call(xs, *rest))(x.unsqueeze(0))
     torch.testing.assert_close(batched[0], out.detach())
