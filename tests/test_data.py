@@ -126,6 +126,31 @@ def test_resident_loader_shards_add_up_to_the_single_process_batches():
         assert sorted(xs.tolist()) == sorted(torch.cat([x0, x1]).tolist())
 
 
+@pytest.mark.parametrize(("n", "world"), [(10, 3), (9, 3), (17, 2), (5, 4)])
+def test_resident_evaluation_shares_hold_every_sample_once(n, world):
+    """Validation under DDP: the ranks' shares together are the whole split, each sample
+    once (not n - n % world of them), and each rank's len() is the batches it yields."""
+    x = torch.arange(float(n))
+    ranks = [ResidentLoader(x, x, batch_size=2, shuffle=False, rank=r, world_size=world)
+             for r in range(world)]
+    shares = [[xb for xb, _ in loader] for loader in ranks]
+    assert [len(loader) for loader in ranks] == [len(share) for share in shares]
+    seen = sorted(torch.cat([xb for share in shares for xb in share]).tolist())
+    assert seen == list(range(n))
+    sizes = [sum(len(xb) for xb in share) for share in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_resident_evaluation_gives_no_rank_an_empty_share_alone():
+    """Fewer samples than ranks: no rank validates (as with an empty split), rather than
+    some ranks logging and waiting forever for the ones with nothing to log."""
+    x = torch.arange(3.0)
+    ranks = [ResidentLoader(x, x, batch_size=2, shuffle=False, rank=r, world_size=4)
+             for r in range(4)]
+    assert [len(loader) for loader in ranks] == [0] * 4
+    assert all(list(loader) == [] for loader in ranks)
+
+
 def test_resident_loader_resumes_after_the_batches_already_trained():
     x = torch.arange(20.0)
     full = [xb for xb, _ in ResidentLoader(x, x, batch_size=3, shuffle=True, seed=5)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import fit_grouped
+from conftest import fit_grouped, make_mnist_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -185,26 +185,43 @@ def test_offline_digits_config_runs_end_to_end(tmp_path):
     assert "manual_grad: finished 2 epochs" in done.stdout
 
 
-def test_ddp_on_two_cpu_processes_equals_one_process_on_the_global_batch(tiny_mnist, tmp_path):
-    common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
-              "16", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+def test_ddp_on_two_cpu_processes_equals_one_process_on_the_global_batch(tmp_path):
+    data = make_mnist_dir(tmp_path / "data", n_train=95)  # 80 to train, 15 to validate
+    common = ["--config", str(CONFIG), "--data.data_dir", str(data), "--data.val_size",
+              "15", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
               "--trainer.precision", "64", "--trainer.max_steps", "5"]  # one epoch
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+
+    def val_metrics(run_dir: Path, version: int) -> dict[str, float]:
+        with (run_dir / f"version_{version}" / "metrics.csv").open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("val_mse")]
+        return {k: float(rows[-1][k]) for k in ("val_mse", "val_acc")}
+
     states, metrics = [], []
     for name, extra in (("single", ["--data.batch_size", "16"]),
-                        ("ddp", ["--data.batch_size", "8", "--trainer.strategy", "ddp",
-                                 "--trainer.devices", "2"])):
+                        ("ddp", ["--data.batch_size", "8", *ddp])):
         (tmp_path / name).mkdir()
         done = run_train("fit", *common, *extra, cwd=tmp_path / name, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         run = tmp_path / name / "runs" / "mnist_regression"
         states.append(torch.load(run / "checkpoints" / "last.ckpt",
                                  weights_only=False)["state_dict"])
-        with (run / "version_0" / "metrics.csv").open() as f:
-            rows = [r for r in csv.DictReader(f) if r.get("val_mse")]
-        metrics.append({k: float(rows[-1][k]) for k in ("val_mse", "val_acc")})
+        metrics.append(val_metrics(run, 0))
     torch.testing.assert_close(states[1], states[0], rtol=1e-10, atol=1e-12)
-    # each process validates half the 16 images; the logged means are over all 16
+    # the processes validate 8 and 7 of the 15 images; the logged means are over all 15
+    # (not over 14, as an even split would drop one, nor 16 with one counted twice)
     assert metrics[1] == pytest.approx(metrics[0], rel=1e-10)
+    # the same through a DataLoader (data.resident false), where Lightning's default
+    # DistributedSampler would have padded rank 1's share with a repeated image
+    validated = []
+    for name, extra in (("single", []), ("ddp", ddp)):
+        done = run_train("validate", *common, "--data.batch_size", "8", "--data.resident",
+                         "false", "--ckpt_path", "last", *extra, cwd=tmp_path / name,
+                         timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        validated.append(val_metrics(tmp_path / name / "runs" / "mnist_regression", 1))
+    assert validated[1] == pytest.approx(validated[0], rel=1e-12)
+    assert validated[1]["val_acc"] == pytest.approx(metrics[0]["val_acc"], rel=1e-12)
 
 
 @pytest.mark.skipif(not T10K.is_dir(), reason=f"real MNIST test set not found in {T10K}")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,7 +57,12 @@ class ResidentLoader:
     No per-sample collate, no worker processes: one ``randperm`` per epoch and one
     gather per batch. Under DDP every rank draws the same permutation and takes
     every ``world_size``-th sample, so the ranks' batches together are exactly the
-    batch a single process would see with ``batch_size * world_size``.
+    batch a single process would see with ``batch_size * world_size``. For training
+    the shares are equal (the last ``len % world_size`` samples of the permutation
+    wait for the next epoch's), so every rank takes the same number of optimiser
+    steps; for evaluation (``shuffle=False``) every sample is on exactly one rank and
+    the shares differ by at most one, so a metric summed over the ranks covers the
+    whole split, neither dropping a sample nor counting one twice.
 
     It is resumable: its state is the epoch and the number of batches the trainer
     completed, so a run restored from a mid-epoch checkpoint continues with the
@@ -76,8 +82,17 @@ class ResidentLoader:
         self.progress = progress  # () -> (epoch, batches completed in it), from the trainer
         self.epoch, self.skip = 0, 0
 
+    def _used(self) -> int:
+        """How many samples of the split this epoch hands out over all the ranks."""
+        n, world = len(self.x), self.world_size
+        if self.shuffle:  # training: equal shares keep DDP's gradient syncs in step
+            return n - n % world
+        # evaluation: all of them, unless some rank would get none (n < world): a rank
+        # with no batches logs nothing, and the others would wait for it to sync forever
+        return n if n >= world else 0
+
     def _indices(self) -> Tensor:
-        n = len(self.x) - len(self.x) % self.world_size  # equal shares keep DDP in step
+        n = self._used()
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + self.epoch)
             perm = torch.randperm(len(self.x), generator=gen)[:n]
@@ -86,14 +101,16 @@ class ResidentLoader:
         return perm[self.rank :: self.world_size].to(self.x.device)
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.x) // self.world_size / self.batch_size) / self.group)
+        share = len(range(self.rank, self._used(), self.world_size))  # this rank's samples
+        return math.ceil(math.ceil(share / self.batch_size) / self.group)
 
     def __iter__(self) -> Iterator[Any]:
         if self.progress is not None:
             epoch, _ = self.progress()
             if epoch != self.epoch:
                 self.epoch, self.skip = epoch, 0
-        batches = self._indices().split(self.batch_size)
+        indices = self._indices()
+        batches = indices.split(self.batch_size) if len(indices) else ()  # (not one empty)
         start, self.skip = self.skip, 0
         if self.group == 1:
             for idx in batches[start:]:
@@ -264,8 +281,16 @@ class MNISTDataModule(L.LightningDataModule):
         if group > 1:
             raise ValueError("data.steps_per_batch > 1 needs the data resident on the device, "
                              "and it does not fit there; set data.steps_per_batch: 1")
-        return DataLoader(TensorDataset(x, y), batch_size=self.hparams.batch_size,
-                          shuffle=shuffle, pin_memory=device.type == "cuda")
+        dataset, sampler = TensorDataset(x, y), None
+        if not shuffle and world > 1 and len(x) >= world:
+            # every sample evaluated once, the shares differing by at most one: Lightning
+            # leaves this sampler in place, where its default DistributedSampler would pad
+            # the shares with repeated samples (as the resident loader, and for the same
+            # reason: see ResidentLoader)
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                   shuffle=False)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          sampler=sampler, pin_memory=device.type == "cuda")
 
     @staticmethod
     def _fits(x: Tensor, device: torch.device) -> bool:

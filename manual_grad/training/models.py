@@ -219,10 +219,28 @@ class DigitModel(L.LightningModule):
         sums[name] = (total, count)
 
     def _log_epoch_means(self, stage: str) -> None:
-        for name, (total, count) in self._epoch_sums.pop(stage, {}).items():
-            # batch_size=count: under DDP Lightning reduces value * count and count alike
-            # over the processes, so the logged value is the mean over all their samples
-            self.log(name, total / count, prog_bar=True, batch_size=count, sync_dist=True)
+        sums = self._epoch_sums.pop(stage, {})
+        if not sums:
+            return
+        names = list(sums)
+        dtype = sums[names[0]][0].dtype
+        totals = [sums[name][0] for name in names]
+        counts: list[Any] = [sums[name][1] for name in names]
+        if self.trainer.world_size > 1:
+            # Under DDP the processes' totals and counts are summed here, in float64, in
+            # one all-reduce. Lightning's own weighting (batch_size=count, sync_dist=True)
+            # averages the counts as integers, and truncates: validation shares of 8 and
+            # 7 samples gave the mean over 14 (lightning 2.6).
+            packed = torch.stack([*(t.double() for t in totals),
+                                  *(totals[0].new_tensor(c, dtype=torch.float64)
+                                    for c in counts)])
+            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+            totals, counts = list(packed[: len(names)]), list(packed[len(names):])
+        for name, total, count in zip(names, totals, counts, strict=True):
+            # the mean over every process's samples, the same on each: sync_dist=True only
+            # averages equal values (and keeps Lightning from warning that it is off)
+            self.log(name, (total / count).to(dtype), prog_bar=True, batch_size=1,
+                     sync_dist=True)
 
     # each stage starts from zero: an epoch cut short (an exception, Ctrl-C in a notebook)
     # must not leave its partial sums to the next one
