@@ -66,6 +66,30 @@ def test_native_checkpoint_runs_as_manual_and_back(tiny_mnist):
                 f.unlink()
 
 
+def test_a_float64_checkpoint_comes_back_with_every_bit(tiny_mnist):
+    """validate / test / resume under precision 64 get the float64 weights that fit saved,
+    not weights rounded through float32 on the way in (Lightning loads before it converts
+    the module)."""
+    fitted = main(["fit", *common(tiny_mnist), "--trainer.max_epochs", "1",
+                   "--trainer.precision", "64"])
+    ckpt = Path("runs/mnist_regression/checkpoints/last.ckpt").resolve()
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float64 for t in saved.values())
+    checked = main(["validate", *common(tiny_mnist), "--trainer.precision", "64",
+                    "--ckpt_path", str(ckpt)])
+    for name, tensor in checked.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert (checked.trainer.callback_metrics["val_mse"].item()
+            == fitted.trainer.callback_metrics["val_mse"].item())
+    # and a resumed run ends where an uninterrupted one does, bit for bit
+    resumed = main(["fit", *common(tiny_mnist), "--trainer.max_epochs", "2",
+                    "--trainer.precision", "64", "--ckpt_path", str(ckpt)])
+    straight = main(["fit", *common(tiny_mnist), "--trainer.max_epochs", "2",
+                     "--trainer.precision", "64"])
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
 def test_tampered_checkpoint_is_refused_and_runs_no_code(tiny_mnist, tmp_path, capsys):
     _, ckpt = trained(tiny_mnist)
     state = torch.load(ckpt, weights_only=True)
