@@ -283,10 +283,9 @@ class MNISTDataModule(L.LightningDataModule):
                              "and it does not fit there; set data.steps_per_batch: 1")
         dataset, sampler = TensorDataset(x, y), None
         if not shuffle and world > 1 and len(x) >= world:
-            # every sample evaluated once, the shares differing by at most one: Lightning
-            # leaves this sampler in place, where its default DistributedSampler would pad
-            # the shares with repeated samples (as the resident loader, and for the same
-            # reason: see ResidentLoader)
+            # evaluation under DDP: every sample on exactly one rank, as in ResidentLoader.
+            # Lightning keeps a DistributedSampler it is given; the one it would put in
+            # by default pads the shares with repeated samples.
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank,
                                                    shuffle=False)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
