@@ -52,10 +52,14 @@ _any_autocast = torch._C._is_any_autocast_enabled
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul in on t's device, or None when it is off."""
+    if not _any_autocast():
+        return None
     device_type = t.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device autocast has no notion of (meta): it never casts there
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

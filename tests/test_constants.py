@@ -65,3 +65,28 @@ def test_kept_constants_are_bounded():
         constant(1.0 / (n + 1), torch.float64)
     assert len(_constants._kept) <= _constants._MAX_KEPT
     assert constant(0.25, torch.float64).item() == 0.25
+
+
+def test_the_constants_mix_with_tensors_on_another_device():
+    """The kept constants are CPU tensors whatever device the gradients are on: torch lets
+    a 0-dim CPU tensor into an op on another device, as it does a Python number. The meta
+    device runs the same device check as CUDA (a 1-element CPU tensor is refused there),
+    so every eager backward that uses a constant runs here on meta tensors, without a GPU."""
+    u = torch.empty(4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ne(u, torch.tensor([0.0]))  # the check is real: not 0-dim, refused
+    x, y = torch.empty(8, 5, device="meta"), torch.empty(8, device="meta")
+    W1 = torch.empty(4, 5, device="meta", requires_grad=True)
+    b1 = torch.empty(4, device="meta", requires_grad=True)
+    W2 = torch.empty(1, 4, device="meta", requires_grad=True)
+    b2 = torch.empty(1, device="meta", requires_grad=True)
+    for reduction in ("mean", "sum"):
+        losses = [  # the drop-in's ReLU and MSE, and the single-pass Functions
+            MF.mse_loss(MF.linear(MF.relu(MF.linear(x, W1, b1)), W2, b2).squeeze(-1), y,
+                        reduction=reduction),
+            MF.mlp_mse_loss(x, W1, b1, W2, b2, y, reduction),
+            MF.linear_relu_mse_loss(x, W1[:1], b1[:1], y, reduction),
+        ]
+        for loss in losses:
+            grads = torch.autograd.grad(loss, (W1, b1, W2, b2), allow_unused=True)
+            assert all(g is None or g.device.type == "meta" for g in grads)
