@@ -81,9 +81,10 @@ def _loss_inputs(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _can_read_values(t: Tensor) -> bool:
-    """Whether t's values may be read on the host for a check: not while torch.compile
-    traces (no values exist yet) nor inside torch.func transforms (they are batched)."""
-    return not torch.compiler.is_compiling() and \
+    """Whether t's values may be read on the host for a check: not on the meta device nor
+    while torch.compile traces (no values exist), nor inside torch.func transforms (they
+    are batched)."""
+    return not t.is_meta and not torch.compiler.is_compiling() and \
         not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 

@@ -359,3 +359,25 @@ def test_layer_channels_last_matches_torch(case):
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES + PARITY_ONLY, ids=lambda c: c.id)
+def test_layer_runs_on_the_meta_device_like_torch(case):
+    """Models are often built on the meta device (shapes, no memory) before their weights
+    are loaded. Every layer runs forward and backward there as torch.nn's does, giving
+    the same shapes and dtypes: no check reads values that meta tensors do not have."""
+    results = []
+    for lib in (nn, manual_grad):
+        module = case.build(lib, torch.float32).to("meta")
+        inputs = with_grads(case, [t.to("meta") for t in case.inputs(torch.float32)])
+        try:
+            out = module(*inputs)
+        except RuntimeError:
+            if lib is nn:  # e.g. BatchNorm's momentum=None reads a count: torch's too
+                pytest.skip("torch.nn's layer does not run on meta tensors either")
+            raise
+        out.sum().backward()
+        grads = [inputs[i].grad for i in case.grad_inputs] + [
+            p.grad for p in module.parameters()]
+        results.append([(t.shape, t.dtype, t.device.type) for t in (out, *grads)])
+    assert results[1] == results[0]

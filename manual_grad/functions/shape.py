@@ -60,7 +60,10 @@ class EmbeddingFunction(Function):
         (i,) = ctx.saved_tensors
         flat_i, rows = i.reshape(-1), g.reshape(-1, g.shape[-1])
         if ctx.scale_grad_by_freq:
-            counts = torch.bincount(flat_i, minlength=ctx.num_embeddings)
+            # how often each row was looked up (bincount's answer, by an op that also
+            # runs on meta tensors; integer sums, so exact and deterministic)
+            counts = flat_i.new_zeros(ctx.num_embeddings).index_add(
+                0, flat_i, torch.ones_like(flat_i))
             rows = rows / counts[flat_i].unsqueeze(1).to(rows.dtype)
         if ctx.padding_idx is not None:
             rows = rows * (flat_i != ctx.padding_idx).unsqueeze(1).to(rows.dtype)
