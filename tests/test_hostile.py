@@ -12,6 +12,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 import manual_grad
 
@@ -143,7 +144,8 @@ def test_ten_thousand_steps_hold_memory_flat():
 
     def live_tensors() -> int:
         gc.collect()
-        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o)
+                   and not isinstance(o, FakeTensor))  # (compile's, from earlier tests)
 
     steps(500)
     tensors, rss = live_tensors(), _rss_bytes()
@@ -152,7 +154,9 @@ def test_ten_thousand_steps_hold_memory_flat():
     try:  # a tensor kept on ctx makes a reference cycle per step (pytorch#25340)
         steps(1000)
         gc.collect()
-        cyclic = [o for o in gc.garbage if torch.is_tensor(o)
+        # (FakeTensors are torch.compile's, left by earlier tests in the same process and
+        # freed late; the eager steps here make none)
+        cyclic = [o for o in gc.garbage if (torch.is_tensor(o) and not isinstance(o, FakeTensor))
                   or isinstance(o, torch.autograd.function.BackwardCFunction)]
         assert cyclic == [], f"{len(cyclic)} tensors or autograd contexts were in cycles"
     finally:
