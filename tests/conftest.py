@@ -9,7 +9,7 @@ def _seed() -> None:
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
     """Tolerances for comparing two float computations of the same math."""
-    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype in (torch.float64, torch.complex128) else {
         "rtol": 1e-5, "atol": 1e-6}
 
 

@@ -381,3 +381,60 @@ def test_layer_runs_on_the_meta_device_like_torch(case):
             p.grad for p in module.parameters()]
         results.append([(t.shape, t.dtype, t.device.type) for t in (out, *grads)])
     assert results[1] == results[0]
+
+
+def complex_inputs(case: Case) -> list[torch.Tensor]:
+    """The case's inputs with a random imaginary part added to the float ones."""
+    torch.manual_seed(3)
+    return [torch.complex(t, torch.randn_like(t)) if t.is_floating_point() else t
+            for t in case.inputs(torch.float64)]
+
+
+# the layers torch.nn runs on complex tensors: for them torch's gradient is dL/d(conj z),
+# so the hand-derived formulas take conjugates (of W and x in Linear/Conv2d, of the
+# local derivative in Sigmoid/Tanh, and |d|'s sign is d/|d| in L1Loss)
+COMPLEX = [c for c in CASES if c.layer in ("Sigmoid", "Tanh", "Conv2d", "L1Loss", "Flatten")]
+
+
+@pytest.mark.parametrize("case", COMPLEX, ids=lambda c: c.id)
+def test_complex_layer_matches_torch_and_gradcheck(case):
+    ours, theirs = (m.to(torch.complex128) for m in paired(case, torch.float64))
+    raw = complex_inputs(case)
+    a, b = with_grads(case, raw), with_grads(case, raw)
+    ya, yb = ours(*a), theirs(*b)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    for i in case.grad_inputs:
+        torch.testing.assert_close(a[i].grad, b[i].grad, msg=f"input {i}")
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+    # and the other oracle: finite differences of the complex function (Wirtinger)
+    params = {k: v.detach().clone().requires_grad_() for k, v in ours.named_parameters()}
+    names = list(params)
+
+    def f(*args):
+        ps = dict(zip(names, args[: len(names)], strict=True))
+        return functional_call(ours, ps, tuple(args[len(names):]))
+
+    args = tuple(params.values()) + tuple(with_grads(case, raw))
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+def test_the_complex_list_is_what_torch_runs():
+    """COMPLEX above holds every case whose torch.nn layer runs forward and backward on
+    complex tensors (so a layer that gains complex support in torch is not left
+    untested here)."""
+    runs = []
+    for case in CASES:
+        module = case.build(nn, torch.float64).to(torch.complex128)
+        inputs = with_grads(case, complex_inputs(case))
+        try:
+            out = module(*inputs)
+            out.backward(torch.randn_like(out))
+        except (RuntimeError, NotImplementedError):
+            continue
+        runs.append(case.id)
+    assert runs == [c.id for c in COMPLEX]

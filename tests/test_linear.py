@@ -29,15 +29,17 @@ def make(shape, out=3, bias=True, dtype=torch.float64):
     return x, W, b
 
 
+# complex: torch's gradient is dL/d(conj z), and gradcheck checks it (Wirtinger)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=["real", "complex"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_linear_gradcheck_and_gradgradcheck(shape, bias):
-    inputs = make(shape, bias=bias)
+def test_linear_gradcheck_and_gradgradcheck(shape, bias, dtype):
+    inputs = make(shape, bias=bias, dtype=dtype)
     assert gradcheck(LinearFunction.apply, inputs)
     assert gradgradcheck(LinearFunction.apply, inputs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_linear_matches_torch(shape, bias, dtype):

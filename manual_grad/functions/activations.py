@@ -121,7 +121,8 @@ class SigmoidFunction(Function):
 
         du/dz = u (1 - u)        so   dL/dz = g * u * (1 - u)
 
-    Only the output is needed, so only the output is saved.
+    Only the output is needed, so only the output is saved. (For complex z, torch's
+    gradient is dL/d(conj z): g * conj(u (1 - u)); conj is a no-op for real tensors.)
     """
 
     generate_vmap_rule = True
@@ -137,14 +138,14 @@ class SigmoidFunction(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
         (u,) = ctx.saved_tensors
-        return g * u * (1 - u) if ctx.needs_input_grad[0] else None
+        return g * (u * (1 - u)).conj() if ctx.needs_input_grad[0] else None
 
 
 @fast_apply
 class TanhFunction(Function):
     r"""u = tanh(z), element-wise.
 
-        du/dz = 1 - u^2          so   dL/dz = g * (1 - u^2)
+        du/dz = 1 - u^2          so   dL/dz = g * (1 - u^2)     (complex z: conj(1 - u^2))
     """
 
     generate_vmap_rule = True
@@ -160,7 +161,7 @@ class TanhFunction(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
         (u,) = ctx.saved_tensors
-        return g * (1 - u * u) if ctx.needs_input_grad[0] else None
+        return g * (1 - u * u).conj() if ctx.needs_input_grad[0] else None
 
 
 @fast_apply

@@ -28,6 +28,7 @@ class Conv2dFunction(Function):
         dL/dW[o, c, i, j] = sum over n, p, q of g[n, o, p, q] x[n, c, p s + i d, q s + j d]
               = a convolution of x with g as the kernel, sample axis n as the channels,
                 stride d and dilation s (swapped), cut to kh x kw
+    For complex tensors W and x enter conjugated, as in the linear layer.
     """
 
     generate_vmap_rule = True
@@ -58,12 +59,13 @@ class Conv2dFunction(Function):
             extra = tuple(size - ((out - 1) * s_ - 2 * p_ + d_ * (k - 1) + 1) for size, out, s_,
                           p_, d_, k in ((H, Ho, s[0], p[0], d[0], kh),
                                         (Wd, Wo, s[1], p[1], d[1], kw)))
-            grad_x = F.conv_transpose2d(g, W, None, s, p, extra, G, d)
+            grad_x = F.conv_transpose2d(g, W.conj(), None, s, p, extra, G, d)
         if ctx.needs_input_grad[1] and N == 0:  # an empty batch adds nothing
             grad_W = x.new_zeros(ctx.w_shape)
         elif ctx.needs_input_grad[1]:
             # per group: channels c of x as the batch, samples n as the channels
-            xt = x.reshape(N, G, Cg, H, Wd).permute(2, 1, 0, 3, 4).reshape(Cg, G * N, H, Wd)
+            xt = x.conj().reshape(N, G, Cg, H, Wd).permute(2, 1, 0, 3, 4).reshape(
+                Cg, G * N, H, Wd)
             gt = g.reshape(N, G, Out // G, Ho, Wo).permute(1, 2, 0, 3, 4).reshape(
                 Out, N, Ho, Wo)
             grad_W = F.conv2d(xt, gt, None, d, p, s, G).transpose(0, 1)[:, :, :kh, :kw]

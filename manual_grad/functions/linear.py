@@ -36,6 +36,9 @@ class LinearFunction(Function):
     ``backward`` computes exactly these three lines, each only when
     ``ctx.needs_input_grad`` asks for it, with differentiable torch ops on the
     saved inputs, so it can itself be differentiated (double backward).
+
+    For complex tensors torch's gradient is dL/d(conj z), so W and x enter
+    conjugated: dL/dx = g conj(W), dL/dW = g^T conj(x) (conj is a no-op for real ones).
     """
 
     # torch.func.vmap batches forward and backward as written: both use only torch ops
@@ -56,14 +59,14 @@ class LinearFunction(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, W = ctx.saved_tensors
         needs_x, needs_W, needs_b = ctx.needs_input_grad  # False for an absent bias
-        grad_x = g @ W if needs_x else None  # (*, out) @ (out, in) -> (*, in)
+        grad_x = g @ W.conj() if needs_x else None  # (*, out) @ (out, in) -> (*, in)
         grad_W = grad_b = None
         if needs_W or needs_b:
             # reshape, not view: g may be expanded or strided (e.g. from .sum()).
             g_rows = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])  # (n, out)
             if needs_W:
                 x_rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-                grad_W = g_rows.t() @ x_rows  # (out, n) @ (n, in)
+                grad_W = g_rows.t() @ x_rows.conj()  # (out, n) @ (n, in)
             if needs_b:
                 grad_b = g_rows.sum(0)  # (out,)
         return grad_x, grad_W, grad_b

@@ -83,6 +83,7 @@ class L1LossFunction(Function):
     r"""C = reduce(|u - y|).
 
         dC/du = sign(u - y) * g (/ n for 'mean')     0 where u == y, as torch
+                (complex: (u - y) / |u - y| for the sign, torch's gradient of |.|)
         dC/dy = -dC/du
     """
 
@@ -103,7 +104,8 @@ class L1LossFunction(Function):
             return None, None, None
         u, y = ctx.saved_tensors
         d = u - y
-        grad_d = torch.sign(d) * _scale(g, ctx.reduction, d.numel())
+        # sgn: sign for real d; d / |d| for complex d, the gradient of |d| torch uses
+        grad_d = torch.sgn(d) * _scale(g, ctx.reduction, d.numel())
         grad_u = grad_d.sum_to_size(u.shape) if ctx.needs_input_grad[0] else None
         grad_y = (-grad_d).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
         return grad_u, grad_y, None
