@@ -438,3 +438,28 @@ def test_the_complex_list_is_what_torch_runs():
             continue
         runs.append(case.id)
     assert runs == [c.id for c in COMPLEX]
+
+
+@pytest.mark.parametrize("case", CASES + PARITY_ONLY, ids=lambda c: c.id)
+def test_layer_batched_grads_match_torch_and_a_loop(case):
+    """autograd.grad(..., is_grads_batched=True), which jacobian(vectorize=True) uses,
+    runs the backward under torch's older vmap: in-place, out= and some view ops are
+    refused there. It must equal torch.nn's and one backward per incoming gradient."""
+    ours, theirs = paired(case, torch.float64)
+    raw = case.inputs(torch.float64)
+    results = []
+    for module in (ours, theirs):
+        inputs = with_grads(case, raw)
+        out = module(*inputs)
+        torch.manual_seed(5)
+        grads = torch.randn(3, *out.shape, dtype=out.dtype)
+        wrt = [inputs[i] for i in case.grad_inputs] + list(module.parameters())
+        batched = torch.autograd.grad(out, wrt, grads, is_grads_batched=True,
+                                      retain_graph=True)
+        looped = [torch.stack(gs) for gs in zip(*(
+            torch.autograd.grad(out, wrt, g, retain_graph=True) for g in grads), strict=True)]
+        for b, lp in zip(batched, looped, strict=True):
+            torch.testing.assert_close(b, lp)
+        results.append(batched)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -176,3 +176,45 @@ def test_layer_norm_of_a_constant_row_double_backward_equals_native():
         results.append((*first, *second))
     for ours, theirs in zip(*results, strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+
+@pytest.mark.parametrize("which", ["mlp + MSELoss('none')", "mlp", "mlp_mse_loss",
+                                   "linear_relu_mse_loss"])
+def test_vectorized_jacobian_and_hessian_equal_native(which):
+    """torch.autograd.functional's vectorize=True runs backward with batched incoming
+    gradients (torch's older vmap, which refuses in-place and out= ops): the plain
+    backward paths must step aside for it. The Jacobian of the outputs (and the Hessian
+    of a scalar loss), in the input and the first weight, against torch's own ops."""
+    ours, theirs = models()
+    x, y = torch.randn(4, 6, dtype=D), torch.randn(4, 2, dtype=D)
+    t = torch.randn(4, 5, dtype=D)  # linear_relu_mse_loss's target: one per hidden unit
+    W = theirs[0].weight.detach()
+    b1, W2, b2 = (p.detach() for p in (theirs[0].bias, theirs[2].weight, theirs[2].bias))
+
+    def native(x, W1):
+        h = torch.relu(x @ W1.t() + b1)
+        if which == "linear_relu_mse_loss":
+            return ((h - t) ** 2).mean()
+        o = h @ W2.t() + b2
+        return {"mlp + MSELoss('none')": (o - y) ** 2, "mlp": o,
+                "mlp_mse_loss": ((o - y) ** 2).mean()}[which]
+
+    def manual(x, W1):
+        if which == "mlp + MSELoss('none')":
+            params = {"0.weight": W1, "0.bias": b1, "2.weight": W2, "2.bias": b2}
+            out = torch.func.functional_call(ours, params, (x,))
+            return manual_grad.MSELoss(reduction="none")(out, y)
+        if which == "mlp":
+            return MF.mlp(x, W1, b1, W2, b2)
+        if which == "mlp_mse_loss":
+            return MF.mlp_mse_loss(x, W1, b1, W2, b2, y)
+        return MF.linear_relu_mse_loss(x, W1, b1, t)
+
+    for transform in (torch.autograd.functional.jacobian, torch.autograd.functional.hessian):
+        if transform is torch.autograd.functional.hessian and native(x, W).dim():
+            continue  # a Hessian is of a scalar
+        ours_, theirs_ = (transform(f, (x, W), vectorize=True) for f in (manual, native))
+        for a, b in zip(torch.utils._pytree.tree_leaves(ours_),
+                        torch.utils._pytree.tree_leaves(theirs_), strict=True):
+            torch.testing.assert_close(a, b)

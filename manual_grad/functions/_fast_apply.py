@@ -19,6 +19,7 @@ import inspect
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.autograd import Function
 
 _torch_apply = Function.__dict__["apply"]  # torch's classmethod: binds, then runs the graph
@@ -27,6 +28,7 @@ _torch_apply = Function.__dict__["apply"]  # torch's classmethod: binds, then ru
 # held here: reaching them through torch's modules on every call made traced() ~40% dearer
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def traced() -> bool:
@@ -34,6 +36,22 @@ def traced() -> bool:
     (vmap, grad) or while torch.compile traces. There torch's own paths and out-of-place
     ops are needed; elsewhere the eager shortcuts here and in the Functions may be taken."""
     return _is_compiling() or _transforms_active()
+
+
+def plain_backward(g: Tensor) -> bool:
+    """Whether a backward may take its plain path (ops in place or into ``out=``, kept
+    constants, g read on the host): no graph of the backward is wanted, nothing traces
+    it, and g is not batched by ``autograd.grad(..., is_grads_batched=True)`` (as
+    ``torch.autograd.functional.jacobian(..., vectorize=True)`` does): that is torch's
+    older vmap, which traced() does not see and which refuses in-place and out= ops."""
+    return not (torch.is_grad_enabled() or traced() or _is_legacy_batched(g))
+
+
+def legacy_batched(g: Tensor) -> bool:
+    """Whether g is batched by torch's older vmap, as autograd.grad(...,
+    is_grads_batched=True) batches the incoming gradients (never while tracing: there
+    torch.compile and torch.func handle batching themselves)."""
+    return not traced() and _is_legacy_batched(g)
 
 
 def fast_apply(cls: type[Function]) -> type[Function]:

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._constants import constant
-from manual_grad.functions._fast_apply import fast_apply, traced
+from manual_grad.functions._fast_apply import fast_apply, plain_backward
 
 
 def relu_mask(u: Tensor) -> Tensor:
@@ -29,9 +29,10 @@ def relu_grad(g: Tensor, u: Tensor) -> Tensor:
         m = (u != 0) as floats;   dL/dz = m * g   (multiplied into m)
 
     with the 0 a kept tensor rather than a number (see ``_constants``: ~4 us a call).
-    Otherwise (double backward, vmap, compile) the same product, out of place.
+    Otherwise (double backward, vmap, compile, batched grads) the same product, out of
+    place.
     """
-    if torch.is_grad_enabled() or traced():
+    if not plain_backward(g):
         return g * relu_mask(u)
     return torch.ne(u, constant(0.0, u.dtype), out=torch.empty_like(g)).mul_(g)
 

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, legacy_batched
 
 
 @fast_apply
@@ -62,6 +62,16 @@ class Conv2dFunction(Function):
             grad_x = F.conv_transpose2d(g, W.conj(), None, s, p, extra, G, d)
         if ctx.needs_input_grad[1] and N == 0:  # an empty batch adds nothing
             grad_W = x.new_zeros(ctx.w_shape)
+        elif ctx.needs_input_grad[1] and legacy_batched(g):
+            # torch's older vmap (autograd.grad(..., is_grads_batched=True)) cannot run a
+            # convolution whose kernel is batched: the columns' sum above, as products
+            cols = F.unfold(x.conj(), (kh, kw), d, p, s)  # (N, Cg G kh kw, L)
+            L = cols.shape[-1]
+            cols = cols.reshape(N, G, Cg * kh * kw, L).permute(1, 0, 3, 2).reshape(
+                G, N * L, Cg * kh * kw)
+            rows = g.reshape(N, G, Out // G, L).permute(1, 2, 0, 3).reshape(
+                G, Out // G, N * L)
+            grad_W = (rows @ cols).reshape(ctx.w_shape)  # per group: sum over n and l
         elif ctx.needs_input_grad[1]:
             # per group: channels c of x as the batch, samples n as the channels
             xt = x.conj().reshape(N, G, Cg, H, Wd).permute(2, 1, 0, 3, 4).reshape(

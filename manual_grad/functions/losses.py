@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._constants import constant
-from manual_grad.functions._fast_apply import fast_apply, traced
+from manual_grad.functions._fast_apply import fast_apply, plain_backward
 
 REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's loss kernels take these
@@ -53,7 +53,7 @@ class MSELossFunction(Function):
         d = u - y  # broadcast shape; equals u's shape (functional.mse_loss checks)
         # max(.., 1): an empty batch has an empty gradient, not a division by zero.
         scale = 2.0 / max(d.numel(), 1) if ctx.reduction == "mean" else 2.0
-        if torch.is_grad_enabled() or traced():  # a graph of this backward is wanted
+        if not plain_backward(g):  # a graph of this backward is wanted, or g is batched
             grad_d = d * (g * scale)  # (scale * g first: a scalar product unless 'none')
         else:  # d is new here: scale it in place, by a kept tensor (see _constants)
             grad_d = d.mul_(g).mul_(constant(scale, g.dtype))

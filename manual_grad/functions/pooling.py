@@ -42,7 +42,11 @@ class MaxPool2dFunction(Function):
         if ctx.needs_input_grad[0]:
             *lead, H, W = ctx.x_shape
             flat = g.new_zeros(*lead, H * W)
-            grad_x = flat.scatter_add(-1, indices.flatten(-2), g.flatten(-2)).view(ctx.x_shape)
+            # (reshape, not flatten: torch's older vmap, behind is_grads_batched, has no
+            # rule for flatten)
+            n_out = g.shape[-2] * g.shape[-1]  # (not -1: an empty batch has no size to infer)
+            rows, where = g.reshape(*lead, n_out), indices.reshape(*lead, n_out)
+            grad_x = flat.scatter_add(-1, where, rows).view(ctx.x_shape)
         return grad_x, None, None, None, None, None
 
 

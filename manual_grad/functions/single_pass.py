@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._constants import constant
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, plain_backward
 from manual_grad.functions.linear import affine
 
 # The gradients a forward summed, one per input (None where none was wanted)
@@ -97,7 +97,7 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
     A second backward through a retained graph finds them taken and calls ``resum``,
     which sums them again the same way, so that every backward gives the same bits (as
     it does when the gradients asked for are not the ones ``with_grads`` named)."""
-    if ctx.with_grads is None or torch.is_grad_enabled():
+    if ctx.with_grads is None or not plain_backward(g):
         return None
     sums, ctx.sums = ctx.sums, None
     # The saved inputs are not unpacked here: the sums do not read them, so, as for any
