@@ -25,7 +25,6 @@ FUSABLE: dict[tuple[type[nn.Module], ...], type[nn.Module]] = {
 
 # options the manual layer refuses: such a layer is kept, and the report says why
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
-    nn.AvgPool2d: lambda m: "ceil_mode=True" if m.ceil_mode else None,
     nn.Embedding: lambda m: "sparse=True" if m.sparse else None,
     nn.LeakyReLU: lambda m: "inplace with a negative slope"
     if m.inplace and m.negative_slope < 0 else None,

@@ -673,15 +673,11 @@ def avg_pool2d(input: Tensor, kernel_size: int | tuple[int, int],
                stride: int | tuple[int, int] | None = None, padding: int | tuple[int, int] = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None) -> Tensor:
-    """As ``torch.nn.functional.avg_pool2d``, for ``ceil_mode=False``."""
-    if ceil_mode:
-        raise NotImplementedError(
-            "avg_pool2d: ceil_mode=True is not supported by manual_grad (its partial windows "
-            "have no unfold counterpart); pad the input instead, or use torch.nn.AvgPool2d")
+    """As ``torch.nn.functional.avg_pool2d``."""
     k = _pair("avg_pool2d", "kernel_size", kernel_size)
     s = k if stride is None or stride == [] else _pair("avg_pool2d", "stride", stride)
     return AvgPool2dFunction.apply(input, k, s, _pair("avg_pool2d", "padding", padding),
-                                   count_include_pad, divisor_override)
+                                   ceil_mode, count_include_pad, divisor_override)
 
 
 def flatten(input: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:

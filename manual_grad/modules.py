@@ -205,7 +205,7 @@ class MaxPool2d(nn.MaxPool2d):
 
 
 class AvgPool2d(nn.AvgPool2d):
-    """``torch.nn.AvgPool2d`` (ceil_mode=False) with the backward of ``AvgPool2dFunction``."""
+    """``torch.nn.AvgPool2d`` with the backward of ``AvgPool2dFunction``."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,

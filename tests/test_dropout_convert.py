@@ -58,7 +58,8 @@ class Block(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
                                       nn.ReLU(), nn.MaxPool2d(2))
         self.heads = nn.ModuleDict({"a": nn.Linear(4 * 4 * 4, 3), "b": nn.PReLU()})
-        self.extra = nn.ModuleList([nn.AvgPool2d(2, ceil_mode=True), nn.GELU("tanh")])
+        self.extra = nn.ModuleList([nn.Embedding(10, 3, sparse=True), nn.GELU("tanh"),
+                                    nn.AvgPool2d(2, ceil_mode=True)])
 
     def forward(self, x):
         h = self.features(x).flatten(1)
@@ -75,9 +76,9 @@ def test_convert_nested_model_same_outputs_and_gradients():
     assert type(original.features[0]) is nn.Conv2d  # inplace=False left it alone
     assert replaced == {"features.0": "Conv2d", "features.1": "BatchNorm2d",
                         "features.2": "ReLU", "features.3": "MaxPool2d", "heads.a": "Linear",
-                        "extra.1": "GELU"}
+                        "extra.1": "GELU", "extra.2": "AvgPool2d"}
     assert kept == {"heads.b": "PReLU (no manual_grad counterpart)",
-                    "extra.0": "AvgPool2d (ceil_mode=True is not supported by manual_grad)"}
+                    "extra.0": "Embedding (sparse=True is not supported by manual_grad)"}
     x = torch.randn(5, 1, 8, 8)
     for model in (original, converted):
         model.train()

@@ -54,42 +54,55 @@ class MaxPool2dFunction(Function):
 class AvgPool2dFunction(Function):
     r"""y[n, c, l] = sum over window l of x[n, c, .] / d_l.
 
-    d_l is kh kw, or the count of real (non-padding) elements in window l when
-    count_include_pad is False, or divisor_override. The map is linear, so each
-    element of window l receives g / d_l, and overlapping windows add up:
+    d_l is the window's size within the padded input (kh kw, except for the last
+    windows of ceil_mode, which may reach past the padding), or the count of real
+    (non-padding) elements in window l when count_include_pad is False, or
+    divisor_override, as torch's kernel divides. The map is linear, so each element of
+    window l receives g / d_l, and overlapping windows add up:
         dL/dcols[n, c, :, l] = g[n, c, l] / d_l,    dL/dx = fold(dL/dcols)
+    With ceil_mode the fold runs on an input grown at the bottom and right to hold the
+    last windows whole, and the rows and columns past the input are dropped.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int], count_include_pad: bool,
+                padding: tuple[int, int], ceil_mode: bool, count_include_pad: bool,
                 divisor_override: int | None) -> Tensor:
-        return F.avg_pool2d(x, kernel_size, stride, padding, False, count_include_pad,
+        return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, ctx.kernel_size, ctx.stride, ctx.padding, ctx.count_include_pad, ctx.divisor = inputs
+        (x, ctx.kernel_size, ctx.stride, ctx.padding, _, ctx.count_include_pad,
+         ctx.divisor) = inputs
         ctx.x_shape = x.shape
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         *lead, H, W = ctx.x_shape
-        kh, kw = ctx.kernel_size
-        geometry = {"kernel_size": ctx.kernel_size, "padding": ctx.padding, "stride": ctx.stride}
-        L = g.shape[-1] * g.shape[-2]
+        (kh, kw), (sh, sw), (ph, pw) = ctx.kernel_size, ctx.stride, ctx.padding
+        Ho, Wo = g.shape[-2:]
+        L = Ho * Wo
+        # rows/columns the last windows reach past the padded input (ceil_mode only)
+        eh = max(0, (Ho - 1) * sh + kh - (H + 2 * ph))
+        ew = max(0, (Wo - 1) * sw + kw - (W + 2 * pw))
         if ctx.divisor is not None:
             divisor = float(ctx.divisor)
-        elif ctx.count_include_pad:
+        elif ctx.count_include_pad and not (eh or ew):
             divisor = float(kh * kw)
-        else:  # real elements per window: unfold a map of ones padded with zeros
-            ones = g.new_ones(1, 1, H, W)
-            divisor = F.unfold(ones, **geometry).sum(1).view(1, 1, L)
+        else:  # per window: unfold a map of ones on the padded grid, zeros past it
+            real = (slice(ph, ph + H), slice(pw, pw + W)) if not ctx.count_include_pad else \
+                (slice(0, H + 2 * ph), slice(0, W + 2 * pw))
+            ones = g.new_zeros(1, 1, H + 2 * ph + eh, W + 2 * pw + ew)
+            ones[(0, 0, *real)] = 1.0
+            divisor = F.unfold(ones, (kh, kw), stride=(sh, sw)).sum(1).view(1, 1, L)
         per_window = g.reshape(-1, 1, L) / divisor  # (N C, 1, L)
         d_cols = per_window.expand(-1, kh * kw, L)
-        grad_x = F.fold(d_cols, (H, W), **geometry).view(ctx.x_shape)
-        return grad_x, None, None, None, None, None
+        grad_x = F.fold(d_cols, (H + eh, W + ew), (kh, kw), padding=(ph, pw), stride=(sh, sw))
+        if eh or ew:
+            grad_x = grad_x[..., :H, :W]
+        return grad_x.reshape(ctx.x_shape), None, None, None, None, None, None
