@@ -94,12 +94,13 @@ class AvgPool2dFunction(Function):
             divisor = float(ctx.divisor)
         elif ctx.count_include_pad and not (eh or ew):
             divisor = float(kh * kw)
-        else:  # per window: unfold a map of ones on the padded grid, zeros past it
-            real = (slice(ph, ph + H), slice(pw, pw + W)) if not ctx.count_include_pad else \
-                (slice(0, H + 2 * ph), slice(0, W + 2 * pw))
-            ones = g.new_zeros(1, 1, H + 2 * ph + eh, W + 2 * pw + ew)
-            ones[(0, 0, *real)] = 1.0
-            divisor = F.unfold(ones, (kh, kw), stride=(sh, sw)).sum(1).view(1, 1, L)
+        else:  # count per window: unfold a map of what counts, on the padded grid
+            counted = g.new_zeros(1, 1, H + 2 * ph + eh, W + 2 * pw + ew)
+            if ctx.count_include_pad:  # the input and its padding; not past the padding
+                counted[..., : H + 2 * ph, : W + 2 * pw] = 1.0
+            else:  # the input's own elements only
+                counted[..., ph : ph + H, pw : pw + W] = 1.0
+            divisor = F.unfold(counted, (kh, kw), stride=(sh, sw)).sum(1).view(1, 1, L)
         per_window = g.reshape(-1, 1, L) / divisor  # (N C, 1, L)
         d_cols = per_window.expand(-1, kh * kw, L)
         grad_x = F.fold(d_cols, (H + eh, W + ew), (kh, kw), padding=(ph, pw), stride=(sh, sw))
