@@ -240,6 +240,27 @@ def test_conv2d_property_matches_torch(c_in, groups, k, stride, padding, dilatio
     compare(ours, theirs, [torch.randn(2, c_in, h, h + 1, dtype=dtype).requires_grad_()], dtype)
 
 
+@settings(max_examples=60, deadline=None)
+@given(k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       padding=st.tuples(st.integers(0, 1), st.integers(0, 1)), ceil_mode=st.booleans(),
+       count_include_pad=st.booleans(), divisor=st.sampled_from([None, 3]),
+       hw=st.tuples(st.integers(1, 8), st.integers(1, 8)), dtype=DTYPES)
+def test_avg_pool2d_property_matches_torch(k, stride, padding, ceil_mode, count_include_pad,
+                                           divisor, hw, dtype):
+    """Any window geometry, ceil_mode's partial last windows included: torch's values and
+    gradients (whatever torch refuses, such as padding over half the window, is skipped)."""
+    kwargs = {"kernel_size": k, "stride": stride, "padding": padding, "ceil_mode": ceil_mode,
+              "count_include_pad": count_include_pad, "divisor_override": divisor}
+    x = torch.randn(2, 3, *hw, dtype=dtype)
+    try:
+        nn.AvgPool2d(**kwargs)(x)
+    except RuntimeError:
+        assume(False)
+    compare(manual_grad.AvgPool2d(**kwargs), nn.AvgPool2d(**kwargs), [x.requires_grad_()],
+            dtype)
+
+
 ELEMENTWISE = ["LeakyReLU", "Sigmoid", "Tanh", "GELU", "SiLU", "Softmax", "LogSoftmax",
                "Flatten"]
 
