@@ -171,21 +171,40 @@ def with_grads(case: Case, tensors):
             for i, t in enumerate(tensors)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_layer_gradcheck_and_gradgradcheck(case):
-    torch.manual_seed(1)
-    ours, _ = paired(case, torch.float64)
-    inputs = with_grads(case, case.inputs(torch.float64))
-    params = {k: v.detach().clone().requires_grad_() for k, v in ours.named_parameters()}
+def assert_gradchecks(case: Case, module: nn.Module, raw: list[torch.Tensor]) -> None:
+    """gradcheck and gradgradcheck of module in its parameters and case's grad inputs."""
+    params = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
     names = list(params)
 
     def f(*args):
         ps = dict(zip(names, args[: len(names)], strict=True))
-        return functional_call(ours, ps, tuple(args[len(names):]))
+        return functional_call(module, ps, tuple(args[len(names):]))
 
-    args = tuple(params.values()) + tuple(inputs)
+    args = tuple(params.values()) + tuple(with_grads(case, raw))
     assert gradcheck(f, args)
     assert gradgradcheck(f, args)
+
+
+def assert_same_as_torch(case: Case, ours: nn.Module, theirs: nn.Module,
+                         raw: list[torch.Tensor], **tol: float) -> None:
+    """Outputs, and gradients of case's grad inputs and of every parameter, for one g."""
+    a, b = with_grads(case, raw), with_grads(case, raw)
+    ya, yb = ours(*a), theirs(*b)
+    torch.testing.assert_close(ya, yb, **tol)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    for i in case.grad_inputs:
+        torch.testing.assert_close(a[i].grad, b[i].grad, **tol, msg=f"input {i}")
+    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, **tol, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_layer_gradcheck_and_gradgradcheck(case):
+    torch.manual_seed(1)
+    ours, _ = paired(case, torch.float64)
+    assert_gradchecks(case, ours, case.inputs(torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -196,17 +215,8 @@ def test_layer_matches_torch(case, dtype):
     raw = case.inputs(dtype)
     # non-contiguous copies of the same values: transposed twice back to the same shape
     raw = [t.mT.contiguous().mT if t.dim() >= 2 and t.is_floating_point() else t for t in raw]
-    a, b = with_grads(case, raw), with_grads(case, raw)
-    ya, yb = ours(*a), theirs(*b)
     tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(ya, yb, **tol)
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    for i in case.grad_inputs:
-        torch.testing.assert_close(a[i].grad, b[i].grad, **tol, msg=f"input {i}")
-    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p1.grad, p2.grad, **tol, msg=name)
+    assert_same_as_torch(case, ours, theirs, raw, **tol)
     for (name, b1), b2 in zip(ours.named_buffers(), theirs.buffers(), strict=True):
         torch.testing.assert_close(b1, b2, **tol, msg=name)  # running statistics
 
@@ -292,17 +302,7 @@ def test_layer_under_vmap_matches_torch(case):
 def test_layer_matches_torch_on_cuda(case):
     torch.manual_seed(7)
     ours, theirs = (m.cuda() for m in paired(case, torch.float64))
-    raw = [t.cuda() for t in case.inputs(torch.float64)]
-    a, b = with_grads(case, raw), with_grads(case, raw)
-    ya, yb = ours(*a), theirs(*b)
-    torch.testing.assert_close(ya, yb)
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    for i in case.grad_inputs:
-        torch.testing.assert_close(a[i].grad, b[i].grad, msg=f"input {i}")
-    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+    assert_same_as_torch(case, ours, theirs, [t.cuda() for t in case.inputs(torch.float64)])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.grad_inputs and not (
@@ -408,27 +408,9 @@ COMPLEX = [c for c in CASES if c.layer in ("Sigmoid", "Tanh", "Conv2d", "L1Loss"
 def test_complex_layer_matches_torch_and_gradcheck(case):
     ours, theirs = (m.to(torch.complex128) for m in paired(case, torch.float64))
     raw = complex_inputs(case)
-    a, b = with_grads(case, raw), with_grads(case, raw)
-    ya, yb = ours(*a), theirs(*b)
-    torch.testing.assert_close(ya, yb)
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    for i in case.grad_inputs:
-        torch.testing.assert_close(a[i].grad, b[i].grad, msg=f"input {i}")
-    for (name, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+    assert_same_as_torch(case, ours, theirs, raw)
     # and the other oracle: finite differences of the complex function (Wirtinger)
-    params = {k: v.detach().clone().requires_grad_() for k, v in ours.named_parameters()}
-    names = list(params)
-
-    def f(*args):
-        ps = dict(zip(names, args[: len(names)], strict=True))
-        return functional_call(ours, ps, tuple(args[len(names):]))
-
-    args = tuple(params.values()) + tuple(with_grads(case, raw))
-    assert gradcheck(f, args)
-    assert gradgradcheck(f, args)
+    assert_gradchecks(case, ours, raw)
 
 
 def test_the_complex_list_is_what_torch_runs():
