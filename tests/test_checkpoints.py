@@ -73,12 +73,13 @@ def test_a_float64_checkpoint_comes_back_with_every_bit(tiny_mnist):
     fitted = main(["fit", *common(tiny_mnist), "--trainer.max_epochs", "1",
                    "--trainer.precision", "64"])
     ckpt = Path("runs/mnist_regression/checkpoints/last.ckpt").resolve()
-    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    # (on CPU: Lightning hands the module back on CPU after a GPU run ends)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert all(t.dtype == torch.float64 for t in saved.values())
     checked = main(["validate", *common(tiny_mnist), "--trainer.precision", "64",
                     "--ckpt_path", str(ckpt)])
     for name, tensor in checked.model.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
+        assert torch.equal(tensor.cpu(), saved[name]), name
     assert (checked.trainer.callback_metrics["val_mse"].item()
             == fitted.trainer.callback_metrics["val_mse"].item())
     # and a resumed run ends where an uninterrupted one does, bit for bit
@@ -87,7 +88,7 @@ def test_a_float64_checkpoint_comes_back_with_every_bit(tiny_mnist):
     straight = main(["fit", *common(tiny_mnist), "--trainer.max_epochs", "2",
                      "--trainer.precision", "64"])
     for name, tensor in straight.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+        assert torch.equal(resumed.model.state_dict()[name].cpu(), tensor.cpu()), name
 
 
 def test_tampered_checkpoint_is_refused_and_runs_no_code(tiny_mnist, tmp_path, capsys):
