@@ -58,7 +58,7 @@ def test_classification_configs_run_through_train_py(config, tiny_mnist, tmp_pat
                 "--trainer.enable_progress_bar", "false"])
     assert type(cli.model).__name__ == {"mnist_classification": "MNISTClassifier",
                                         "mnist_cnn": "MNISTConvNet"}[config]
-    assert "manual_grad: finished 1 epochs: val_loss=" in capsys.readouterr().out
+    assert "manual_grad: finished 1 epoch: val_loss=" in capsys.readouterr().out
     header = next((tmp_path / "runs" / config).glob("version_0/metrics.csv")).read_text()
     assert {"train_loss", "val_loss", "val_acc"} <= set(header.splitlines()[0].split(","))
 

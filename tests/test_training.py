@@ -167,6 +167,21 @@ def test_cli_config_mistakes_end_with_a_clear_message(args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_a_run_without_validation_says_so_instead_of_printing_nan(tiny_mnist, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(CONFIG), "--data.data_dir", str(tiny_mnist), "--data.val_size",
+              "16", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false",
+              "--trainer.max_epochs", "1"]
+    main(["fit", *common, "--trainer.limit_val_batches", "0"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("manual_grad: finished 1 epoch: no validation ran (")
+    assert "nan" not in line
+    main(["fit", *common])  # with validation: both metrics, as numbers
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "val_mse=" in line and "val_acc=" in line and "nan" not in line
+
+
 def test_cli_print_config_shows_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIG), "--print_config"])

@@ -11,7 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 class RunReport(L.Callback):
     """Times training epochs; at the end of fit, writes ``loss_curve.png`` beside the
     logger's ``metrics.csv`` and prints one line: the final validation loss (val_mse for
-    the regressor, val_loss for the classifiers), val_acc and seconds per epoch."""
+    the regressor, val_loss for the classifiers), val_acc and seconds per epoch (or "no
+    validation ran" in place of the two metrics when none was computed)."""
 
     def __init__(self) -> None:
         self.epoch_seconds: list[float] = []
@@ -30,11 +31,15 @@ class RunReport(L.Callback):
         per_epoch = (sum(self.epoch_seconds) / len(self.epoch_seconds)
                      if self.epoch_seconds else float("nan"))
         picture = self._plot(trainer, metric)
+        epochs = trainer.current_epoch
+        # only what was measured: a run without validation (limit_val_batches=0, or no
+        # validation split) says so rather than printing val_mse=nan
+        shown = [f"{name}={metrics[name]:.4f}" for name in (f"val_{metric}", "val_acc")
+                 if name in metrics]
         print(
-            f"manual_grad: finished {trainer.current_epoch} epochs: "
-            f"val_{metric}={metrics.get(f'val_{metric}', float('nan')):.4f} "
-            f"val_acc={metrics.get('val_acc', float('nan')):.4f} "
-            f"({per_epoch:.3f} s/epoch of training)"
+            f"manual_grad: finished {epochs} epoch{'' if epochs == 1 else 's'}: "
+            + (" ".join(shown) if shown else "no validation ran")
+            + f" ({per_epoch:.3f} s/epoch of training)"
             + (f"; loss curve: {picture}" if picture else ""),
             flush=True,
         )
