@@ -69,8 +69,49 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+# The device types whose autocast runs softmax, log_softmax and layer_norm in float32
+# (torch registers those ops there with its float32 policy; CPU autocast leaves them
+# alone). tests/test_autocast.py checks this set against torch's dispatcher.
+FLOAT32_AUTOCAST_DEVICES = frozenset({"cuda", "xpu", "mps"})
+
+
 def _to_float32_if_half(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.float() if t.dtype in _HALF else t
+
+
+def _float32_under_autocast(input: Tensor, *others: Tensor | None) -> bool:
+    """Whether autocast runs softmax / log_softmax / layer_norm on these tensors in
+    float32: it is on for input's device, a device whose autocast casts those ops up, and
+    one of the tensors is float16 or bfloat16 (which it would cast to float32)."""
+    if not _any_autocast() or input.device.type not in FLOAT32_AUTOCAST_DEVICES:
+        return False
+    return (torch.is_autocast_enabled(input.device.type)
+            and any(t is not None and t.dtype in _HALF for t in (input, *others)))
+
+
+def _half_in_float32(layer: str, input: Tensor, **params: Tensor | None) -> bool:
+    """Check a normalisation layer's dtypes as torch's kernels do, and say whether it is
+    to compute in float32 and hand back the input's dtype.
+
+    torch takes parameters (and running statistics) of the input's dtype, or float32 ones
+    with a float16/bfloat16 input: the usual mixed-precision layout, where a bfloat16
+    activation meets a layer whose parameters stay float32. A half input is normalised in
+    float32 either way, as torch's kernels accumulate in float32."""
+    for name, p in params.items():
+        if p is not None and p.dtype != input.dtype and not (
+                input.dtype in _HALF and p.dtype == torch.float32):
+            raise TypeError(
+                f"{layer}: input is {input.dtype} but {name} is {p.dtype}; parameters must "
+                "have the input's dtype, or be float32 with a float16/bfloat16 input. "
+                "Convert one side, e.g. layer.to(input.dtype) or input.to(layer.weight.dtype)."
+            )
+    return input.dtype in _HALF
+
+
+def _float32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _to_float32_if_half(t)
 
 
 def _loss_inputs(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -464,13 +505,19 @@ def _softmax_dim(name: str, input: Tensor, dim: int | None) -> int:
 
 
 def softmax(input: Tensor, dim: int | None = None) -> Tensor:
-    """As ``torch.nn.functional.softmax``."""
-    return SoftmaxFunction.apply(input, _softmax_dim("softmax", input, dim))
+    """As ``torch.nn.functional.softmax`` (float32 under CUDA autocast, as torch's)."""
+    dim = _softmax_dim("softmax", input, dim)
+    if _float32_under_autocast(input):
+        input = input.float()
+    return SoftmaxFunction.apply(input, dim)
 
 
 def log_softmax(input: Tensor, dim: int | None = None) -> Tensor:
-    """As ``torch.nn.functional.log_softmax``."""
-    return LogSoftmaxFunction.apply(input, _softmax_dim("log_softmax", input, dim))
+    """As ``torch.nn.functional.log_softmax`` (float32 under CUDA autocast, as torch's)."""
+    dim = _softmax_dim("log_softmax", input, dim)
+    if _float32_under_autocast(input):
+        input = input.float()
+    return LogSoftmaxFunction.apply(input, dim)
 
 
 # ---- losses -------------------------------------------------------------------------
@@ -565,11 +612,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
 def layer_norm(input: Tensor, normalized_shape: list[int] | tuple[int, ...],
                weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
-    """As ``torch.nn.functional.layer_norm``."""
+    """As ``torch.nn.functional.layer_norm``: float32 parameters with a float16/bfloat16
+    input give the input's dtype, and CUDA autocast runs it in float32, as torch's do."""
     shape = tuple(normalized_shape)
     if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
         raise ValueError(f"layer_norm: expected input of shape (*, {', '.join(map(str, shape))})"
                          f" (normalized_shape), got {tuple(input.shape)}")
+    if _float32_under_autocast(input, weight, bias):  # then the output is float32 too
+        input, weight, bias = input.float(), _float32(weight), _float32(bias)
+    if _half_in_float32("layer_norm", input, weight=weight, bias=bias):
+        return LayerNormFunction.apply(input.float(), len(shape), _float32(weight),
+                                       _float32(bias), eps).to(input.dtype)
     return LayerNormFunction.apply(input, len(shape), weight, bias, eps)
 
 
@@ -577,10 +630,16 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                weight: Tensor | None = None, bias: Tensor | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """As ``torch.nn.functional.batch_norm``: in training, normalise with the batch's
-    statistics and move the running ones towards them by ``momentum``."""
+    statistics and move the running ones towards them by ``momentum``. Float32 parameters
+    and statistics with a float16/bfloat16 input give the input's dtype, as torch's do."""
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected input (N, C) or (N, C, *), got "
                          f"{tuple(input.shape)}")
+    half = _half_in_float32("batch_norm", input, weight=weight, bias=bias,
+                            running_mean=running_mean, running_var=running_var)
+    x = input.float() if half else input  # (a half input is normalised in float32)
+    if half:
+        weight, bias = _float32(weight), _float32(bias)
     if training:
         per_channel = input.numel() // input.shape[1]
         if per_channel <= 1:
@@ -588,11 +647,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                              f"got input of shape {tuple(input.shape)}")
         if running_mean is not None:
             with torch.no_grad():
-                var, mean, _ = centred_stats(input, (0, *range(2, input.dim())), correction=1)
+                var, mean, _ = centred_stats(x, (0, *range(2, x.dim())), correction=1)
                 running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
                 running_var.lerp_(var.view(-1).to(running_var.dtype), momentum)
-        return BatchNormFunction.apply(input, weight, bias, None, None, eps)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps)
+        out = BatchNormFunction.apply(x, weight, bias, None, None, eps)
+    else:
+        if half:
+            running_mean, running_var = _float32(running_mean), _float32(running_var)
+        out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, eps)
+    return out.to(input.dtype) if half else out
 
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True,
