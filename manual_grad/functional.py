@@ -562,11 +562,14 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean",
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                                      weight: Tensor | None = None, reduction: str = "mean",
                                      pos_weight: Tensor | None = None) -> Tensor:
-    """As ``torch.nn.functional.binary_cross_entropy_with_logits``."""
+    """As ``torch.nn.functional.binary_cross_entropy_with_logits``. The loss has the
+    input's dtype, as torch's, when ``weight`` or ``pos_weight`` has another (it is
+    computed in the promoted dtype, then rounded)."""
     input, target = _loss_inputs(input, target)
     _check_loss("binary_cross_entropy_with_logits", input, target, reduction)
     _check_same_shape("binary_cross_entropy_with_logits", input, target)
-    return BCEWithLogitsLossFunction.apply(input, target, weight, pos_weight, reduction)
+    loss = BCEWithLogitsLossFunction.apply(input, target, weight, pos_weight, reduction)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
 def _out_of_range(t: Tensor, n: int) -> int:

@@ -283,3 +283,29 @@ def test_activations_propagate_nan_inf_like_torch(name):
                      dtype=torch.float64)
     compare(getattr(manual_grad, name)(), getattr(nn, name)(), [x.requires_grad_()],
             torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize(("dtype", "weight_dtype"), [
+    (torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32), (torch.float64, torch.float32)])
+def test_bce_with_weights_of_another_dtype_keeps_the_input_dtype(dtype, weight_dtype,
+                                                                   reduction):
+    """torch.nn's BCEWithLogitsLoss returns the input's dtype whatever its weight's and
+    pos_weight's dtypes (a float64 pos_weight does not make a float32 model's loss
+    float64); so does ours, computing in the promoted dtype first."""
+    torch.manual_seed(0)
+    weight, pos_weight = torch.rand(3, dtype=weight_dtype), torch.rand(3, dtype=weight_dtype)
+    x, y = torch.randn(4, 3, dtype=dtype), torch.rand(4, 3, dtype=dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = manual_grad.BCEWithLogitsLoss(weight, reduction=reduction, pos_weight=pos_weight)(a, y)
+    theirs = nn.BCEWithLogitsLoss(weight, reduction=reduction, pos_weight=pos_weight)(b, y)
+    assert ours.dtype == theirs.dtype == dtype
+    g = torch.rand_like(ours)
+    ours.backward(g)
+    theirs.backward(g)
+    assert a.grad.dtype == b.grad.dtype == dtype
+    low = dtype in (torch.bfloat16, torch.float16)
+    close = {"rtol": 2e-2, "atol": 2e-2} if low else tol(torch.float32)
+    torch.testing.assert_close(ours, theirs, **close)
+    torch.testing.assert_close(a.grad, b.grad, **close)
