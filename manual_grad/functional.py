@@ -5,6 +5,8 @@ where torch would crash deep inside a kernel or silently broadcast, these raise 
 error that names the layer, the shapes or dtypes involved, and the fix.
 """
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,7 @@ from manual_grad.functions import (
     SoftmaxFunction,
     TanhFunction,
 )
+from manual_grad.functions._constants import _HALF
 from manual_grad.functions._fast_apply import traced
 from manual_grad.functions.losses import REDUCTIONS
 from manual_grad.functions.normalization import centred_stats
@@ -69,16 +72,18 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
 # The device types whose autocast runs softmax, log_softmax and layer_norm in float32
 # (torch registers those ops there with its float32 policy; CPU autocast leaves them
 # alone). tests/test_autocast.py checks this set against torch's dispatcher.
 FLOAT32_AUTOCAST_DEVICES = frozenset({"cuda", "xpu", "mps"})
 
 
-def _to_float32_if_half(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in _HALF else t
+_MaybeTensor = TypeVar("_MaybeTensor", Tensor, None)
+
+
+def _float32(t: _MaybeTensor) -> _MaybeTensor:
+    """A float16/bfloat16 tensor as float32; anything else (None too) as it is."""
+    return t.float() if t is not None and t.dtype in _HALF else t
 
 
 def _float32_under_autocast(input: Tensor, *others: Tensor | None) -> bool:
@@ -110,15 +115,11 @@ def _half_in_float32(layer: str, input: Tensor, **params: Tensor | None) -> bool
     return input.dtype in _HALF
 
 
-def _float32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else _to_float32_if_half(t)
-
-
 def _loss_inputs(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """torch's autocast runs every loss here in float32: half-precision inputs are upcast."""
     if _autocast_dtype(input) is None:
         return input, target
-    return _to_float32_if_half(input), _to_float32_if_half(target)
+    return _float32(input), _float32(target)
 
 
 def _can_read_values(t: Tensor) -> bool:
@@ -622,7 +623,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int] | tuple[int, ...],
         raise ValueError(f"layer_norm: expected input of shape (*, {', '.join(map(str, shape))})"
                          f" (normalized_shape), got {tuple(input.shape)}")
     if _float32_under_autocast(input, weight, bias):  # then the output is float32 too
-        input, weight, bias = input.float(), _float32(weight), _float32(bias)
+        input, weight, bias = _float32(input), _float32(weight), _float32(bias)
     if _half_in_float32("layer_norm", input, weight=weight, bias=bias):
         return LayerNormFunction.apply(input.float(), len(shape), _float32(weight),
                                        _float32(bias), eps).to(input.dtype)
