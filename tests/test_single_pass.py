@@ -4,6 +4,8 @@ Oracles: gradcheck/gradgradcheck in float64, and torch.nn's autograd on the same
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 import manual_grad
@@ -406,3 +408,88 @@ def test_mlp_loss_of_rows_needs_the_whole_dataset_and_refuses_dataset_sums():
         MF.mlp_mse_loss(X, W1, b1, W2, b2, Y[:10], rows=rows)
     with pytest.raises(ValueError, match=r"gather the batch first"):
         MLPMSELossFunction.apply(X, W1, b1, W2, b2, Y, "mean", (True,) * 6, rows)
+
+
+# --- blocks: on a CPU, a large batch is cut into one block of rows per thread ---
+
+@pytest.fixture(params=[2, 3])
+def blocks(request, monkeypatch):
+    """Every batch whose size the thread count divides is cut into that many blocks (here
+    2 or 3 whatever the machine has), in chunks of a few rows: the batched path, always."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: request.param)
+    monkeypatch.setattr(single_pass, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(single_pass, "CHUNK_BYTES", 2 * 5 * 8)  # 2 rows of 5 per thread
+    return request.param
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 3000), threads=st.integers(1, 16), row_bytes=st.integers(1, 10_000),
+       min_rows=st.integers(1, 600))
+def test_blocks_and_chunks_cover_every_row_once(n, threads, row_bytes, min_rows):
+    import unittest.mock as mock
+
+    x = torch.empty(0, row_bytes, dtype=torch.uint8)
+    with mock.patch.object(torch, "get_num_threads", lambda: threads), \
+            mock.patch.object(single_pass, "MIN_BLOCK_ROWS", min_rows):
+        blocks, step = single_pass._blocks_and_chunk(x, n)
+    per_thread = max(1, single_pass.CHUNK_BYTES // row_bytes)
+    assert blocks in (1, threads) and step >= 1
+    assert blocks * (n // blocks) == n  # the blocks hold every row
+    if blocks > 1:
+        assert n // blocks >= min_rows  # and are not smaller than asked
+    else:
+        assert n < threads * min_rows or n % threads or threads == 1
+    m, budget = n // blocks, max(1, per_thread * threads // blocks)  # rows per block
+    assert step <= max(budget, 1)  # a chunk's slice of each block fits the budget,
+    chunks = len(range(0, m, step))
+    assert chunks == -(-m // budget)  # in as few chunks as that allows (none for none),
+    assert m == 0 or m - (chunks - 1) * step >= step - chunks  # of near-equal sizes
+
+
+@pytest.mark.parametrize("n", [12, 13])  # split into blocks, and (13) not
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_loss_in_blocks_matches_torch_nn(blocks, n, bias):
+    x, W1, b1, W2, b2, y = make_mlp(n, 5, 4, 3, bias=bias, grad_y=True)
+    args = (x, W1, b1, W2, b2, y)
+    loss, expected = MF.mlp_mse_loss(*args), torch_mlp_loss(*args)
+    torch.testing.assert_close(loss, expected)
+    params = leaves(args)
+    for ours, theirs in zip(torch.autograd.grad(loss, params),
+                            torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_mlp_loss_in_blocks_gradcheck_and_gradgradcheck(blocks):
+    x, W1, b1, W2, b2, y = make_mlp(12, 5, 4, 3, grad_y=True)
+    assert gradcheck(MF.mlp_mse_loss, (x, W1, b1, W2, b2, y))
+    assert gradgradcheck(MF.mlp_mse_loss, (x, W1, b1, W2, b2, y))
+
+
+def test_mlp_loss_in_blocks_of_a_strided_input_keeps_its_layout(blocks):
+    x = torch.randn(5, 12, dtype=torch.float64).t().requires_grad_()  # (12, 5), strided
+    _, W1, b1, W2, b2, y = make_mlp(12, 5, 4, 3)
+    (gx,) = torch.autograd.grad(MF.mlp_mse_loss(x, W1, b1, W2, b2, y), x)
+    (expected,) = torch.autograd.grad(torch_mlp_loss(x, W1, b1, W2, b2, y), x)
+    torch.testing.assert_close(gx, expected)
+    assert gx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("n", [24, 25])
+def test_mlp_loss_of_rows_in_blocks_is_the_loss_of_the_gathered_batch(blocks, n):
+    X, W1, b1, W2, b2, Y, rows = dataset_and_rows(n=n)
+    params = leaves((W1, b1, W2, b2))
+    loss = MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, rows=rows)
+    expected = torch_mlp_loss(X[rows], W1, b1, W2, b2, Y[rows])
+    torch.testing.assert_close(loss, expected)
+    for ours, theirs in zip(torch.autograd.grad(loss, params),
+                            torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_mlp_loss_in_blocks_names_tensors_on_two_devices(blocks):
+    # bmm, unlike mm, would compute a meta result from a CPU input and meta weights
+    x, W1, b1, W2, b2, y = make_mlp(12, 5, 4, 3, grad_x=False)
+    W1 = W1.detach().to("meta").requires_grad_()
+    with pytest.raises(RuntimeError, match=r"different devices \(input on cpu, weight1 on "
+                       r"meta"):
+        MF.mlp_mse_loss(x, W1, b1, W2, b2, y)
