@@ -1,11 +1,14 @@
-"""Why ``FusedMLP.mse_loss(X, Y, rows=idx)``'s batch-4096 ratio swings between runs on a
-small VM: a time series of that ratio beside a probe of the CPU's cache sharing.
+"""Whether ``FusedMLP.mse_loss(X, Y, rows=idx)``'s batch-4096 ratio depends on where a
+small VM's CPUs sit: a time series of that ratio beside a probe of the CPU's cache sharing.
 
-``rows=`` gathers each ~4 MB chunk of the batch with both threads and then multiplies
-it with both threads, which split the work differently, so each core reads rows the
-other one wrote. That is cheap while the two cores share a last-level cache and costs a
-trip across the machine when they do not, and a VM's virtual CPUs can be moved between
-such placements while it runs. torch.nn's step reads its batch from memory either way.
+``rows=`` used to gather each ~4 MB chunk of the batch with both threads and then multiply
+it with both threads, which split the rows differently, so each core read rows the other
+one wrote: cheap while the two cores share a last-level cache, a trip across the machine
+when they do not, and a VM's virtual CPUs can be moved between such placements while it
+runs. The ratio followed the probe (0.75-0.88 against 0.90-1.03). Since a large batch is
+cut into one block of rows per thread, multiplied as a batched product
+(``single_pass._blocks_and_chunk``), each thread multiplies the rows it gathered and the
+ratio no longer follows the probe. torch.nn reads its batch from memory either way.
 
 Every window of a few seconds prints the median ratio of ``rows=`` to torch.nn (the two
 take turns, as in ``train_step``) and the probe: the time to read 4 MB that the *other*
