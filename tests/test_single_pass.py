@@ -493,3 +493,46 @@ def test_mlp_loss_in_blocks_names_tensors_on_two_devices(blocks):
     with pytest.raises(RuntimeError, match=r"different devices \(input on cpu, weight1 on "
                        r"meta"):
         MF.mlp_mse_loss(x, W1, b1, W2, b2, y)
+
+
+@pytest.mark.parametrize("n", [12, 13])
+@pytest.mark.parametrize("bias", [True, False])
+def test_seed_loss_in_blocks_matches_torch_nn_and_gradchecks(blocks, n, bias):
+    args = tuple(t for t in make(n, 5, 3, bias=bias, grad_y=True) if t is not None)
+
+    def f(x, W, *rest):
+        b, y = rest if bias else (None, *rest)
+        return MF.linear_relu_mse_loss(x, W, b, y)
+
+    loss = f(*args)
+    expected = torch_loss(*(args if bias else (args[0], args[1], None, args[2])))
+    torch.testing.assert_close(loss, expected)
+    for ours, theirs in zip(torch.autograd.grad(loss, args),
+                            torch.autograd.grad(expected, args), strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+def test_seed_loss_in_blocks_with_the_seeds_weight_layout(blocks):
+    # w of shape (in, 1) as in the derivation, given as W = w.t().contiguous(): a (1, in)
+    # tensor with strides (1, 1), which the batched products take in another layout
+    x, _, b, y = make(12, 5, 1)
+    W = torch.randn(5, 1, dtype=torch.float64).t().contiguous().requires_grad_()
+    assert W.stride() == (1, 1)
+    loss, expected = MF.linear_relu_mse_loss(x, W, b, y), torch_loss(x, W, b, y)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, (x, W, b)),
+                               torch.autograd.grad(expected, (x, W, b)))
+
+
+def test_seed_loss_in_blocks_of_a_strided_input_and_two_devices(blocks):
+    x = torch.randn(5, 12, dtype=torch.float64).t().requires_grad_()  # (12, 5), strided
+    _, W, b, y = make(12, 5, 3)
+    (gx,) = torch.autograd.grad(MF.linear_relu_mse_loss(x, W, b, y), x)
+    (expected,) = torch.autograd.grad(torch_loss(x, W, b, y), x)
+    torch.testing.assert_close(gx, expected)
+    assert gx.stride() == x.stride()
+    W = W.detach().to("meta").requires_grad_()
+    with pytest.raises(RuntimeError, match=r"device"):
+        MF.linear_relu_mse_loss(x.detach(), W, b, y)

@@ -116,6 +116,42 @@ def _bmm_into(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b) if total is None else total.baddbmm_(a, b)
 
 
+class _Blocks:
+    """The products of a chunk of rows: 2-D for one block of rows; for several, batched
+    products over the blocks, (blocks, q, ...), each block's sums kept apart (the same
+    matrix for every block is an expanded view)."""
+
+    def __init__(self, blocks: int, m: int) -> None:
+        self.blocks, self.m = blocks, m  # m: rows per block
+        one = blocks == 1
+        self.mm, self.addmm = (torch.mm, torch.addmm) if one else (torch.bmm, torch.baddbmm)
+        self.mm_into = _mm_into if one else _bmm_into
+        self.rows = 0 if one else (0, 1)  # the dims of a chunk's rows, for (q, k) tensors
+
+    def of(self, t: Tensor | None) -> Tensor | None:
+        """A batch's tensor (n, ...) as (blocks, m, ...); as it is for one block."""
+        return t if t is None or self.blocks == 1 else t.view(self.blocks, self.m, *t.shape[1:])
+
+    def same(self, W: Tensor, transposed: bool = False) -> Tensor:
+        """A matrix every block multiplies by, W or W^T: (blocks, ...) of views; as it is
+        for one block. (``W.view(W.shape)`` first gives a size-1 dim the stride of a dense
+        one: a (1, in) weight made by ``w.t().contiguous()`` has strides (1, 1), and its
+        (in, 1) transpose made MKL's batched product ~7x slower here.)"""
+        if self.blocks == 1:
+            return W.t() if transposed else W
+        W = W.view(W.shape).t() if transposed else W.view(W.shape)
+        return W.expand(self.blocks, *W.shape)
+
+    def chunk(self, start: int, step: int) -> slice | tuple[slice, slice]:
+        """The index of a chunk: rows start..start+step of every block."""
+        rows = slice(start, start + step)
+        return rows if self.blocks == 1 else (slice(None), rows)
+
+    def total(self, t: Tensor | None) -> Tensor | None:
+        """A gradient summed block by block, (blocks, ...), added up over the blocks."""
+        return t if t is None or self.blocks == 1 else t.sum(0)
+
+
 def _unit_mask(u: Tensor) -> Tensor:
     """(u > 0) for u = max(0, z) >= 0, as one op: u.sign() is 1 where u > 0, else 0.
 
@@ -198,23 +234,30 @@ class LinearReLUMSELossFunction(Function):
         total = grad_W = grad_b = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
-        step = _chunk_rows(x)
-        for start in range(0, len(x), step):
-            xc, yc = (x, y) if step >= len(x) else (x[start : start + step],
-                                                     y[start : start + step])
-            u = affine(xc, W, b).clamp_min_(0.0)
+        n = len(x)
+        blocks, step = _blocks_and_chunk(x, n)
+        B = _Blocks(blocks, n // blocks)  # (see MLPMSELossFunction: blocks of rows)
+        if blocks > 1:
+            _same_device(x, W, b, y)  # (bmm, unlike mm, takes meta beside CPU)
+        Wt, Wb = B.same(W, transposed=True), B.same(W)
+        x_b, y_b, gx_b, gy_b = B.of(x), B.of(y), B.of(grad_x), B.of(grad_y)
+        for start in range(0, B.m, step):
+            chunk = B.chunk(start, step)
+            xc, yc = (x_b, y_b) if step >= B.m else (x_b[chunk], y_b[chunk])
+            u = (B.mm(xc, Wt) if b is None else B.addmm(b, xc, Wt)).clamp_min_(0.0)
             d = u - yc
             total = _sum_into(total, _sum_of_squares(d))
             grad_u = d.mul_(s2)  # dC/du for g = 1 (d is not needed any more)
             grad_z = grad_u * _unit_mask(u)
             if need_W:
-                grad_W = _mm_into(grad_W, grad_z.t(), xc)  # += dC/dz^T x, this chunk's rows
+                grad_W = B.mm_into(grad_W, grad_z.mT, xc)  # += dC/dz^T x, this chunk's rows
             if need_b and b is not None:
-                grad_b = _sum_into(grad_b, grad_z.sum(0))
-            if grad_x is not None:
-                torch.mm(grad_z, W, out=grad_x[start : start + step])
-            if grad_y is not None:
-                torch.neg(grad_u, out=grad_y[start : start + step])
+                grad_b = _sum_into(grad_b, grad_z.sum(B.rows))
+            if gx_b is not None:
+                B.mm(grad_z, Wb, out=gx_b[chunk])
+            if gy_b is not None:
+                torch.neg(grad_u, out=gy_b[chunk])
+        grad_W = B.total(grad_W)
         if total is None:  # no rows: zero sums
             total = x.new_zeros(())
             grad_W = torch.zeros_like(W) if need_W else None
@@ -304,64 +347,56 @@ class MLPMSELossFunction(Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
         blocks, step = _blocks_and_chunk(x, n)
-        m = n // blocks  # rows per block
-        W2t = W2.t()  # (hidden, out)
-        if blocks == 1:  # 2-D products, chunk by chunk
-            W1b, W2tb, mm, addmm, mm_into = W1, W2t, torch.mm, torch.addmm, _mm_into
-            rows_b, x_b, y_b, gx_b, gy_b = rows, x, y, grad_x, grad_y
-            rows_of_o, rows_of_zT = 0, 1  # (the row dims of dC/do: (q, out), dC/dz^T)
-        else:  # 3-D: the batch as (blocks, m, ...), a chunk the same slice of every block
+        B = _Blocks(blocks, n // blocks)  # the batch's rows in blocks, a chunk from each
+        if blocks > 1:
             _same_device(x, W1, b1, W2, b2, y)  # (bmm, unlike mm, takes meta beside CPU)
-            W1b, W2tb = W1.expand(blocks, *W1.shape), W2t.expand(blocks, *W2t.shape)
-            # the same W1 and W2^T for every block; dC/dW1, dC/dW2 summed block by block
-            mm, addmm, mm_into = torch.bmm, torch.baddbmm, _bmm_into
-            rows_of_o, rows_of_zT = (0, 1), (0, 2)  # (dC/do: (blocks, q, out), dC/dz^T)
-            rows_b, x_b, y_b, gx_b, gy_b = (
-                None if t is None else t.view(blocks, m, *t.shape[1:])
-                for t in (rows, *((x, y) if rows is None else (None, None)), grad_x, grad_y))
-        buffer = x.new_empty(blocks * step, x.shape[1]) if rows is not None and step < m else None
+        W1b, W2tb = B.same(W1), B.same(W2, transposed=True)  # (hidden, in), (hidden, out)
+        # the batch: the rows to gather, or x and y; and the gradients written by rows
+        rows_b, gx_b, gy_b = B.of(rows), B.of(grad_x), B.of(grad_y)
+        x_b, y_b = (B.of(x), B.of(y)) if rows is None else (None, None)
+        buffer = (x.new_empty(blocks * step, x.shape[1]) if rows is not None and step < B.m
+                  else None)
         b1_col = None if b1 is None else b1[:, None]  # (hidden, 1): added to h^T's columns
-        for start in range(0, m, step):
-            chunk = (slice(start, start + step) if blocks == 1
-                     else (slice(None), slice(start, start + step)))
+        rows_of_zT = 1 if blocks == 1 else (0, 2)  # (dC/dz^T: (hidden, q) per block)
+        for start in range(0, B.m, step):
+            chunk = B.chunk(start, step)
             if rows is not None:  # gather this chunk's rows (into the reused buffer)
-                index = rows if step >= m else rows_b[chunk].reshape(-1)
+                index = rows if step >= B.m else rows_b[chunk].reshape(-1)
                 xc = (x.index_select(0, index) if buffer is None
                       else torch.index_select(x, 0, index, out=buffer[: len(index)]))
                 yc = y.index_select(0, index)
                 if blocks > 1:
                     xc, yc = xc.view(blocks, -1, xc.shape[1]), yc.view(blocks, -1, yc.shape[1])
-            elif step >= m:
+            elif step >= B.m:
                 xc, yc = x_b, y_b
             else:
                 xc, yc = x_b[chunk], y_b[chunk]
             # h^T = max(0, W1 x^T + b1), (hidden, q) for a block of q rows: the same numbers
             # as h, in the layout whose product MKL makes fastest here, and from which
             # dC/dz^T comes out ready for dC/dW1 = dC/dz^T x
-            hT = (mm(W1b, xc.mT) if b1_col is None else addmm(b1_col, W1b, xc.mT)
+            hT = (B.mm(W1b, xc.mT) if b1_col is None else B.addmm(b1_col, W1b, xc.mT)
                   ).clamp_min_(0.0)
             h = hT.mT
-            d = (mm(h, W2tb) if b2 is None else addmm(b2, h, W2tb)).sub_(yc)  # o - y
+            d = (B.mm(h, W2tb) if b2 is None else B.addmm(b2, h, W2tb)).sub_(yc)  # o - y
             total = _sum_into(total, _sum_of_squares(d))
             grad_o = d.mul_(s2)  # dC/do for g = 1 (d is not needed any more)
             grad_oT = grad_o.mT
             if need_W2:
-                grad_W2 = mm_into(grad_W2, grad_oT, h)
+                grad_W2 = B.mm_into(grad_W2, grad_oT, h)
             if need_b2:
-                grad_b2 = _sum_into(grad_b2, grad_o.sum(rows_of_o))
+                grad_b2 = _sum_into(grad_b2, grad_o.sum(B.rows))
             if need_x or need_W1 or need_b1:
                 # dC/dz^T = (dC/do W2)^T * (h > 0)^T = W2^T dC/do^T * (h^T > 0)
-                grad_zT = mm(W2tb, grad_oT).mul_(_unit_mask(hT))
+                grad_zT = B.mm(W2tb, grad_oT).mul_(_unit_mask(hT))
                 if need_W1:
-                    grad_W1 = mm_into(grad_W1, grad_zT, xc)
+                    grad_W1 = B.mm_into(grad_W1, grad_zT, xc)
                 if need_b1:
                     grad_b1 = _sum_into(grad_b1, grad_zT.sum(rows_of_zT))
                 if gx_b is not None:
-                    mm(grad_zT.mT, W1b, out=gx_b[chunk])
+                    B.mm(grad_zT.mT, W1b, out=gx_b[chunk])
             if gy_b is not None:
                 torch.neg(grad_o, out=gy_b[chunk])
-        if blocks > 1:  # the blocks' partial sums added up
-            grad_W1, grad_W2 = (None if t is None else t.sum(0) for t in (grad_W1, grad_W2))
+        grad_W1, grad_W2 = B.total(grad_W1), B.total(grad_W2)
         if total is None:  # no rows: zero sums
             total = x.new_zeros(())
             grad_W1, grad_W2 = (torch.zeros_like(W) if need else None
