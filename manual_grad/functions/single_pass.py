@@ -152,6 +152,9 @@ class _Blocks:
         return t if t is None or self.blocks == 1 else t.sum(0)
 
 
+_ONE_BLOCK = _Blocks(1, 0)  # (one block: the rows as they are, whatever their number)
+
+
 def _unit_mask(u: Tensor) -> Tensor:
     """(u > 0) for u = max(0, z) >= 0, as one op: u.sign() is 1 where u > 0, else 0.
 
@@ -236,14 +239,15 @@ class LinearReLUMSELossFunction(Function):
         grad_y = torch.empty_like(y) if need_y else None
         n = len(x)
         blocks, step = _blocks_and_chunk(x, n)
-        B = _Blocks(blocks, n // blocks)  # (see MLPMSELossFunction: blocks of rows)
+        m = n // blocks  # rows per block (see MLPMSELossFunction: blocks of rows)
+        B = _ONE_BLOCK if blocks == 1 else _Blocks(blocks, m)
         if blocks > 1:
             _same_device(x, W, b, y)  # (bmm, unlike mm, takes meta beside CPU)
         Wt, Wb = B.same(W, transposed=True), B.same(W)
         x_b, y_b, gx_b, gy_b = B.of(x), B.of(y), B.of(grad_x), B.of(grad_y)
-        for start in range(0, B.m, step):
+        for start in range(0, m, step):
             chunk = B.chunk(start, step)
-            xc, yc = (x_b, y_b) if step >= B.m else (x_b[chunk], y_b[chunk])
+            xc, yc = (x_b, y_b) if step >= m else (x_b[chunk], y_b[chunk])
             u = (B.mm(xc, Wt) if b is None else B.addmm(b, xc, Wt)).clamp_min_(0.0)
             d = u - yc
             total = _sum_into(total, _sum_of_squares(d))
@@ -347,27 +351,28 @@ class MLPMSELossFunction(Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
         blocks, step = _blocks_and_chunk(x, n)
-        B = _Blocks(blocks, n // blocks)  # the batch's rows in blocks, a chunk from each
+        m = n // blocks  # the batch's rows in blocks of m rows, a chunk from each
+        B = _ONE_BLOCK if blocks == 1 else _Blocks(blocks, m)
         if blocks > 1:
             _same_device(x, W1, b1, W2, b2, y)  # (bmm, unlike mm, takes meta beside CPU)
         W1b, W2tb = B.same(W1), B.same(W2, transposed=True)  # (hidden, in), (hidden, out)
         # the batch: the rows to gather, or x and y; and the gradients written by rows
         rows_b, gx_b, gy_b = B.of(rows), B.of(grad_x), B.of(grad_y)
         x_b, y_b = (B.of(x), B.of(y)) if rows is None else (None, None)
-        buffer = (x.new_empty(blocks * step, x.shape[1]) if rows is not None and step < B.m
+        buffer = (x.new_empty(blocks * step, x.shape[1]) if rows is not None and step < m
                   else None)
         b1_col = None if b1 is None else b1[:, None]  # (hidden, 1): added to h^T's columns
         rows_of_zT = 1 if blocks == 1 else (0, 2)  # (dC/dz^T: (hidden, q) per block)
-        for start in range(0, B.m, step):
+        for start in range(0, m, step):
             chunk = B.chunk(start, step)
             if rows is not None:  # gather this chunk's rows (into the reused buffer)
-                index = rows if step >= B.m else rows_b[chunk].reshape(-1)
+                index = rows if step >= m else rows_b[chunk].reshape(-1)
                 xc = (x.index_select(0, index) if buffer is None
                       else torch.index_select(x, 0, index, out=buffer[: len(index)]))
                 yc = y.index_select(0, index)
                 if blocks > 1:
                     xc, yc = xc.view(blocks, -1, xc.shape[1]), yc.view(blocks, -1, yc.shape[1])
-            elif step >= B.m:
+            elif step >= m:
                 xc, yc = x_b, y_b
             else:
                 xc, yc = x_b[chunk], y_b[chunk]
