@@ -66,15 +66,16 @@ def _blocks_and_chunk(x: Tensor, n: int) -> tuple[int, int]:
 
     On a CPU with T threads, a batch of n = T m rows (m >= MIN_BLOCK_ROWS) is T blocks of
     m rows, each chunk is the same slice of every block, and its products are batched
-    products over the blocks (bmm). Measured on a 2-core VM at batch 4096, that takes
-    ``FusedMLP.mse_loss(X, Y, rows=idx)`` from 0.75-0.8x torch.nn's step to 0.70-0.75x
-    while the two cores share a cache, and from 1.0-1.08x to 0.74-0.84x while they do
-    not: MKL runs a batched product's matrices on separate threads, so each thread
-    reads the rows of one block, as it does when torch gathers them; a 2-D product
-    splits the rows between the threads another way, and then each core reads rows the
-    other one wrote. Smaller blocks gain nothing (the blocks' partial sums cost more).
-    Chunks are of equal size, at most ``_chunk_rows``. On a GPU, with small blocks, or
-    with n not a multiple of T: one block."""
+    products over the blocks (bmm). Measured on a 2-core VM: ``FusedMLP.mse_loss(X, Y,
+    rows=idx)`` at batch 4096 went from 0.75-0.88x torch.nn's step while the two cores
+    shared a cache and 0.90-1.08x while they did not, to 0.71-0.77x either way, and the
+    seed's single pass from 0.79-0.88x native's time to 0.44-0.48x. By the timings each
+    thread multiplies one block, the rows it gathered (torch splits a gather's rows
+    between the threads the same way), where a 2-D product splits the rows otherwise, so
+    that each core read rows the other had written; and the seed's one-column products,
+    run as 2-D products, used one thread. Smaller blocks gain nothing (their partial sums
+    cost more). Chunks are of equal size, at most ``_chunk_rows``. On a GPU, with small
+    blocks, or with n not a multiple of T: one block."""
     if not x.is_cpu:
         return 1, max(1, n)
     threads = torch.get_num_threads()
@@ -222,6 +223,9 @@ class LinearReLUMSELossFunction(Function):
     of the backward itself is wanted (double backward), or they were not computed (inside
     torch.func transforms and torch.compile), ``backward`` recomputes the same lines from
     x, W, b, y with differentiable ops.
+
+    On a CPU a large batch is summed in blocks of rows, one per thread, each line a
+    batched product over the blocks (``_blocks_and_chunk``).
     """
 
     generate_vmap_rule = True
