@@ -309,7 +309,7 @@ def dataset_and_rows(n_data=40, n=23, d_in=5, hidden=4, d_out=3, dtype=torch.flo
 @pytest.mark.parametrize("bias", [True, False])
 def test_mlp_loss_of_rows_is_the_loss_of_the_gathered_batch(small_chunks, dtype, reduction,
                                                            bias):
-    # small_chunks: the 23 rows are gathered 3 at a time into the reused buffer
+    # small_chunks: the 23 rows are gathered 3 per thread at a time into the reused buffer
     X, W1, b1, W2, b2, Y, rows = dataset_and_rows(dtype=dtype, bias=bias)
     params = leaves((W1, b1, W2, b2))
     loss = MF.mlp_mse_loss(X, W1, b1, W2, b2, Y, reduction, rows=rows)

@@ -52,15 +52,6 @@ def _reduce_sum(total: Tensor, reduction: str, numel: int) -> Tensor:
     return total.div_(constant(float(numel), total.dtype))
 
 
-def _chunk_rows(x: Tensor) -> int:
-    """Rows per chunk: ~CHUNK_BYTES of x per thread on a CPU; all of them on a GPU (no
-    cache to fit)."""
-    if not x.is_cpu:
-        return max(1, len(x))
-    per_thread = max(1, CHUNK_BYTES // max(1, x.shape[1] * x.element_size()))
-    return per_thread * torch.get_num_threads()
-
-
 def _blocks_and_chunk(x: Tensor, n: int) -> tuple[int, int]:
     """How a batch of n rows like x's is cut: (blocks, rows per block in a chunk).
 
@@ -74,8 +65,9 @@ def _blocks_and_chunk(x: Tensor, n: int) -> tuple[int, int]:
     between the threads the same way), where a 2-D product splits the rows otherwise, so
     that each core read rows the other had written; and the seed's one-column products,
     run as 2-D products, used one thread. Smaller blocks gain nothing (their partial sums
-    cost more). Chunks are of equal size, at most ``_chunk_rows``. On a GPU, with small
-    blocks, or with n not a multiple of T: one block."""
+    cost more). Chunks are of equal size, at most ~CHUNK_BYTES of x per thread. On a
+    GPU (one chunk: no cache to fit), with small blocks, or with n not a multiple of T:
+    one block."""
     if not x.is_cpu:
         return 1, max(1, n)
     threads = torch.get_num_threads()
