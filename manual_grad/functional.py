@@ -641,9 +641,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                          f"{tuple(input.shape)}")
     half = _half_in_float32("batch_norm", input, weight=weight, bias=bias,
                             running_mean=running_mean, running_var=running_var)
-    x = input.float() if half else input  # (a half input is normalised in float32)
-    if half:
-        weight, bias = _float32(weight), _float32(bias)
+    x = input
+    if half:  # a half input is normalised in float32
+        x, weight, bias = input.float(), _float32(weight), _float32(bias)
     if training:
         per_channel = input.numel() // input.shape[1]
         if per_channel <= 1:

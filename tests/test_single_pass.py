@@ -1,6 +1,8 @@
 """linear_relu_mse_loss: the seed's computation with its gradients summed in one pass.
 Oracles: gradcheck/gradgradcheck in float64, and torch.nn's autograd on the same inputs."""
 
+import unittest.mock as mock
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -426,8 +428,6 @@ def blocks(request, monkeypatch):
 @given(n=st.integers(0, 3000), threads=st.integers(1, 16), row_bytes=st.integers(1, 10_000),
        min_rows=st.integers(1, 600))
 def test_blocks_and_chunks_cover_every_row_once(n, threads, row_bytes, min_rows):
-    import unittest.mock as mock
-
     x = torch.empty(0, row_bytes, dtype=torch.uint8)
     with mock.patch.object(torch, "get_num_threads", lambda: threads), \
             mock.patch.object(single_pass, "MIN_BLOCK_ROWS", min_rows):

@@ -71,13 +71,21 @@ def _blocks_and_chunk(x: Tensor, n: int) -> tuple[int, int]:
     if not x.is_cpu:
         return 1, max(1, n)
     threads = torch.get_num_threads()
-    per_thread = CHUNK_BYTES // (x.shape[1] * x.element_size() or 1) or 1
-    if n <= per_thread * threads and (n < threads * MIN_BLOCK_ROWS or n % threads):
-        return 1, max(1, n)  # (the usual small batch: one chunk, one block)
     blocks = threads if threads > 1 and n % threads == 0 and n >= threads * MIN_BLOCK_ROWS else 1
+    per_thread = CHUNK_BYTES // (x.shape[1] * x.element_size() or 1) or 1
     m = n // blocks
-    chunks = -(-m // max(1, per_thread * threads // blocks))
-    return blocks, -(-m // chunks)
+    chunks = max(1, -(-m // max(1, per_thread * threads // blocks)))
+    return blocks, max(1, -(-m // chunks))
+
+
+def _plan(x: Tensor, n: int, *tensors: Tensor | None) -> tuple["_Blocks", int, int]:
+    """(the blocks' products, rows per block, rows per block in a chunk) for a batch of n
+    rows like x's, computed with ``tensors`` (checked to share a device when batched)."""
+    blocks, step = _blocks_and_chunk(x, n)
+    if blocks == 1:
+        return _ONE_BLOCK, n, step
+    _same_device(x, *tensors)  # (bmm, unlike mm, takes a meta tensor beside a CPU one)
+    return _Blocks(blocks, n // blocks), n // blocks, step
 
 
 def _same_device(*tensors: Tensor | None) -> None:
@@ -119,7 +127,8 @@ class _Blocks:
         one = blocks == 1
         self.mm, self.addmm = (torch.mm, torch.addmm) if one else (torch.bmm, torch.baddbmm)
         self.mm_into = _mm_into if one else _bmm_into
-        self.rows = 0 if one else (0, 1)  # the dims of a chunk's rows, for (q, k) tensors
+        self.rows = 0 if one else (0, 1)  # the dims of a chunk's rows: (q, k) tensors
+        self.rows_T = 1 if one else (0, 2)  # and (k, q) tensors
 
     def of(self, t: Tensor | None) -> Tensor | None:
         """A batch's tensor (n, ...) as (blocks, m, ...); as it is for one block."""
@@ -233,12 +242,7 @@ class LinearReLUMSELossFunction(Function):
         total = grad_W = grad_b = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
-        n = len(x)
-        blocks, step = _blocks_and_chunk(x, n)
-        m = n // blocks  # rows per block (see MLPMSELossFunction: blocks of rows)
-        B = _ONE_BLOCK if blocks == 1 else _Blocks(blocks, m)
-        if blocks > 1:
-            _same_device(x, W, b, y)  # (bmm, unlike mm, takes meta beside CPU)
+        B, m, step = _plan(x, len(x), W, b, y)  # blocks of m rows, a chunk from each
         Wt, Wb = B.same(W, transposed=True), B.same(W)
         x_b, y_b, gx_b, gy_b = B.of(x), B.of(y), B.of(grad_x), B.of(grad_y)
         for start in range(0, m, step):
@@ -346,19 +350,14 @@ class MLPMSELossFunction(Function):
         total = grad_W1 = grad_b1 = grad_W2 = grad_b2 = None  # sums over the chunks so far
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = torch.empty_like(y) if need_y else None
-        blocks, step = _blocks_and_chunk(x, n)
-        m = n // blocks  # the batch's rows in blocks of m rows, a chunk from each
-        B = _ONE_BLOCK if blocks == 1 else _Blocks(blocks, m)
-        if blocks > 1:
-            _same_device(x, W1, b1, W2, b2, y)  # (bmm, unlike mm, takes meta beside CPU)
+        B, m, step = _plan(x, n, W1, b1, W2, b2, y)  # blocks of m rows, a chunk from each
         W1b, W2tb = B.same(W1), B.same(W2, transposed=True)  # (hidden, in), (hidden, out)
         # the batch: the rows to gather, or x and y; and the gradients written by rows
         rows_b, gx_b, gy_b = B.of(rows), B.of(grad_x), B.of(grad_y)
         x_b, y_b = (B.of(x), B.of(y)) if rows is None else (None, None)
-        buffer = (x.new_empty(blocks * step, x.shape[1]) if rows is not None and step < m
+        buffer = (x.new_empty(B.blocks * step, x.shape[1]) if rows is not None and step < m
                   else None)
         b1_col = None if b1 is None else b1[:, None]  # (hidden, 1): added to h^T's columns
-        rows_of_zT = 1 if blocks == 1 else (0, 2)  # (dC/dz^T: (hidden, q) per block)
         for start in range(0, m, step):
             chunk = B.chunk(start, step)
             if rows is not None:  # gather this chunk's rows (into the reused buffer)
@@ -366,8 +365,8 @@ class MLPMSELossFunction(Function):
                 xc = (x.index_select(0, index) if buffer is None
                       else torch.index_select(x, 0, index, out=buffer[: len(index)]))
                 yc = y.index_select(0, index)
-                if blocks > 1:
-                    xc, yc = xc.view(blocks, -1, xc.shape[1]), yc.view(blocks, -1, yc.shape[1])
+                if B.blocks > 1:
+                    xc, yc = xc.view(B.blocks, -1, xc.shape[1]), yc.view(B.blocks, -1, yc.shape[1])
             elif step >= m:
                 xc, yc = x_b, y_b
             else:
@@ -392,7 +391,7 @@ class MLPMSELossFunction(Function):
                 if need_W1:
                     grad_W1 = B.mm_into(grad_W1, grad_zT, xc)
                 if need_b1:
-                    grad_b1 = _sum_into(grad_b1, grad_zT.sum(rows_of_zT))
+                    grad_b1 = _sum_into(grad_b1, grad_zT.sum(B.rows_T))
                 if gx_b is not None:
                     B.mm(grad_zT.mT, W1b, out=gx_b[chunk])
             if gy_b is not None:

@@ -242,8 +242,6 @@ class DigitModel(L.LightningModule):
             self.log(name, (total / count).to(dtype), prog_bar=True, batch_size=1,
                      sync_dist=True)
 
-    # each stage starts from zero: an epoch cut short (an exception, Ctrl-C in a notebook)
-    # must not leave its partial sums to the next one
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Convert the module to the precision plugin's dtype before the weights load.
 
@@ -257,6 +255,8 @@ class DigitModel(L.LightningModule):
         if type(plugin) in (DoublePrecision, HalfPrecision):
             plugin.convert_module(self)
 
+    # each stage starts from zero: an epoch cut short (an exception, Ctrl-C in a notebook)
+    # must not leave its partial sums to the next one
     def on_train_epoch_start(self) -> None:
         self._epoch_sums.pop("train", None)
 
