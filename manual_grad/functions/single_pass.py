@@ -21,7 +21,6 @@ from torch.autograd import Function
 from manual_grad.functions._constants import constant
 from manual_grad.functions._fast_apply import fast_apply, plain_backward
 from manual_grad.functions.linear import affine
-from manual_grad.functions.losses import _REDUCTION_ENUM
 
 # The gradients a forward summed, one per input (None where none was wanted)
 Sums = tuple[Tensor | None, ...]
@@ -40,16 +39,14 @@ def _scale(reduction: str, numel: int) -> float:
     return 1.0 / max(numel, 1) if reduction == "mean" else 1.0
 
 
-def _loss(o: Tensor, y: Tensor, reduction: str) -> Tensor:
-    """reduce((o - y)^2), the loss's value, by torch's loss kernel: one op and one pass
-    over o and y (the gradients are the lines of the Functions below)."""
-    return torch._C._nn.mse_loss(o, y, _REDUCTION_ENUM[reduction])
+def _reduce(total: Tensor, reduction: str, numel: int) -> Tensor:
+    """The loss from the sum of squares; the mean of nothing is NaN, as in torch."""
+    return total / numel if reduction == "mean" else total
 
 
 def _reduce_sum(total: Tensor, reduction: str, numel: int) -> Tensor:
-    """The loss from the chunks' summed losses (eager only, ``total`` its own): divided in
-    place by a kept tensor, not a number (see ``_constants``); the mean of nothing is
-    NaN, as in torch."""
+    """``_reduce`` for a summing forward (eager only, ``total`` its own): divided in place
+    by a kept tensor, not a number (see ``_constants``)."""
     if reduction != "mean":
         return total
     return total.div_(constant(float(numel), total.dtype))
@@ -97,6 +94,12 @@ def _same_device(*tensors: Tensor | None) -> None:
     if len(devices) > 1:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at "
                            f"least two devices, {' and '.join(map(str, devices))}")
+
+
+def _sum_of_squares(d: Tensor) -> Tensor:
+    """sum of d^2, as the dot product of d with itself: one kernel, no squared copy."""
+    flat = d.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _sum_into(total: Tensor | None, part: Tensor) -> Tensor:
@@ -232,7 +235,8 @@ class LinearReLUMSELossFunction(Function):
     def forward(x: Tensor, W: Tensor, b: Tensor | None, y: Tensor, reduction: str,
                 with_grads: tuple[bool, bool, bool, bool] | None) -> tuple[Tensor, Sums | None]:
         if with_grads is None:  # the loss only; backward will recompute
-            return _loss(affine(x, W, b).clamp_min_(0.0), y, reduction), None
+            d = affine(x, W, b).clamp_min_(0.0) - y
+            return _reduce(_sum_of_squares(d), reduction, d.numel()), None
         need_x, need_W, need_b, need_y = with_grads
         s2 = constant(2.0 * _scale(reduction, y.numel()), x.dtype)  # (see _constants)
         total = grad_W = grad_b = None  # sums over the chunks so far
@@ -241,14 +245,13 @@ class LinearReLUMSELossFunction(Function):
         B, m, step = _plan(x, len(x), W, b, y)  # blocks of m rows, a chunk from each
         Wt, Wb = B.same(W, transposed=True), B.same(W)
         x_b, y_b, gx_b, gy_b = B.of(x), B.of(y), B.of(grad_x), B.of(grad_y)
-        chunks = range(0, m, step)
-        per_chunk = reduction if len(chunks) == 1 else "sum"  # (one chunk: reduced at once)
-        for start in chunks:
+        for start in range(0, m, step):
             chunk = B.chunk(start, step)
             xc, yc = (x_b, y_b) if step >= m else (x_b[chunk], y_b[chunk])
             u = (B.mm(xc, Wt) if b is None else B.addmm(b, xc, Wt)).clamp_min_(0.0)
-            total = _sum_into(total, _loss(u, yc, per_chunk))
-            grad_u = torch.sub(u, yc).mul_(s2)  # dC/du = 2 s (u - y) for g = 1
+            d = u - yc
+            total = _sum_into(total, _sum_of_squares(d))
+            grad_u = d.mul_(s2)  # dC/du for g = 1 (d is not needed any more)
             grad_z = grad_u * _unit_mask(u)
             if need_W:
                 grad_W = B.mm_into(grad_W, grad_z.mT, xc)  # += dC/dz^T x, this chunk's rows
@@ -263,9 +266,7 @@ class LinearReLUMSELossFunction(Function):
             total = x.new_zeros(())
             grad_W = torch.zeros_like(W) if need_W else None
             grad_b = torch.zeros_like(b) if need_b and b is not None else None
-        if len(chunks) != 1:  # the chunks' sums of squares (or none), reduced
-            total = _reduce_sum(total, reduction, y.numel())
-        return total, (grad_x, grad_W, grad_b, grad_y)
+        return _reduce_sum(total, reduction, y.numel()), (grad_x, grad_W, grad_b, grad_y)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
@@ -336,7 +337,8 @@ class MLPMSELossFunction(Function):
         if with_grads is None:  # the loss only; backward will recompute
             if rows is not None:
                 x, y = x.index_select(0, rows), y.index_select(0, rows)
-            return _loss(affine(affine(x, W1, b1).clamp_min_(0.0), W2, b2), y, reduction), None
+            d = affine(affine(x, W1, b1).clamp_min_(0.0), W2, b2) - y
+            return _reduce(_sum_of_squares(d), reduction, d.numel()), None
         need_x, need_W1, need_b1, need_W2, need_b2, need_y = with_grads
         need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None
         if rows is not None and (need_x or need_y):
@@ -356,9 +358,7 @@ class MLPMSELossFunction(Function):
         buffer = (x.new_empty(B.blocks * step, x.shape[1]) if rows is not None and step < m
                   else None)
         b1_col = None if b1 is None else b1[:, None]  # (hidden, 1): added to h^T's columns
-        chunks = range(0, m, step)
-        per_chunk = reduction if len(chunks) == 1 else "sum"  # (one chunk: reduced at once)
-        for start in chunks:
+        for start in range(0, m, step):
             chunk = B.chunk(start, step)
             if rows is not None:  # gather this chunk's rows (into the reused buffer)
                 index = rows if step >= m else rows_b[chunk].reshape(-1)
@@ -377,9 +377,9 @@ class MLPMSELossFunction(Function):
             hT = (B.mm(W1b, xc.mT) if b1_col is None else B.addmm(b1_col, W1b, xc.mT)
                   ).clamp_min_(0.0)
             h = hT.mT
-            o = B.mm(h, W2tb) if b2 is None else B.addmm(b2, h, W2tb)
-            total = _sum_into(total, _loss(o, yc, per_chunk))
-            grad_o = o.sub_(yc).mul_(s2)  # dC/do = 2 s (o - y) for g = 1 (o is spent)
+            d = (B.mm(h, W2tb) if b2 is None else B.addmm(b2, h, W2tb)).sub_(yc)  # o - y
+            total = _sum_into(total, _sum_of_squares(d))
+            grad_o = d.mul_(s2)  # dC/do for g = 1 (d is not needed any more)
             grad_oT = grad_o.mT
             if need_W2:
                 grad_W2 = B.mm_into(grad_W2, grad_oT, h)
@@ -403,9 +403,8 @@ class MLPMSELossFunction(Function):
                                 for W, need in ((W1, need_W1), (W2, need_W2)))
             grad_b1, grad_b2 = (torch.zeros_like(b) if need else None
                                 for b, need in ((b1, need_b1), (b2, need_b2)))
-        if len(chunks) != 1:  # the chunks' sums of squares (or none), reduced
-            total = _reduce_sum(total, reduction, count)
-        return total, (grad_x, grad_W1, grad_b1, grad_W2, grad_b2, grad_y)
+        grads = (grad_x, grad_W1, grad_b1, grad_W2, grad_b2, grad_y)
+        return _reduce_sum(total, reduction, count), grads
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
