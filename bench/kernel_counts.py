@@ -1,9 +1,10 @@
 """Ops a step dispatches, manual_grad against torch.nn: what a GPU's host pays per step.
 
-On a GPU a small batch's step is host work: each op torch dispatches is one kernel launch
-from Python or C++, and the arithmetic is a tenth of the step (README, Performance). So
-the number of ops a step dispatches predicts the GPU ratios better than anything
-measured on a CPU. Counted here with a ``TorchDispatchMode``, which sees every op that
+On a GPU a small batch's step is host work: each op torch dispatches launches at least
+one kernel (some more: ``mse_loss`` with a reduction is an elementwise kernel and then a
+reduction), and the arithmetic is a tenth of the step (README, Performance). So the
+number of ops a step dispatches predicts the GPU ratios better than anything measured
+on a CPU. Counted here with a ``TorchDispatchMode``, which sees every op that
 reaches torch's kernels: forward and backward of one step (the optimiser is left out:
 it is the same ``torch.optim.SGD`` on both sides), without views and allocations, which
 launch nothing.

@@ -33,9 +33,10 @@ class MSELossFunction(Function):
 
     @staticmethod
     def forward(u: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-        # reduce((u - y)^2), by torch's own loss kernel: one pass over u and y and no
-        # temporaries, where (u - y).square().mean() takes three (the value is the same up
-        # to rounding; the backward below is ours)
+        # reduce((u - y)^2), by torch's own loss op: two kernels (the squared differences
+        # into one temporary, then their reduction), where (u - y).square().mean() takes
+        # three and two temporaries (the value is the same up to rounding; the backward
+        # below is ours)
         return torch._C._nn.mse_loss(u, y, _REDUCTION_ENUM[reduction])
 
     @staticmethod
