@@ -28,11 +28,10 @@ import manual_grad
 from bench.common import devices, table
 from manual_grad import functional as MF
 
-# Ops that launch no kernel: allocations (memory only) and the host's own bookkeeping.
-# (_local_scalar_dense is ``.item()``: a host read, which the GPU path never makes.)
+# Ops that launch no kernel: allocations (memory only), lift_fresh (wraps a new tensor),
+# and _local_scalar_dense, ``.item()``: a host read, which the GPU path never makes.
 NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty",
-                       "new_empty_strided", "lift_fresh", "_record_function_enter_new",
-                       "_record_function_exit", "is_same_size", "_local_scalar_dense"})
+                       "new_empty_strided", "lift_fresh", "_local_scalar_dense"})
 
 
 class OpLog(TorchDispatchMode):
