@@ -53,6 +53,15 @@ _any_autocast = torch._C._is_any_autocast_enabled
 # call their Function's eager twin themselves unless traced() (see functions/_fast_apply).
 
 
+def _traced_in_place(input: Tensor, out: Tensor) -> Tensor:
+    """The result of an in-place layer while traced (torch.func, torch.compile): there the
+    Function runs out of place and its result is copied into the input. torch.func
+    refuses a Function that returns its input as its output (mark_dirty), and torch.compile
+    traces the copy into the same in-place write; values, gradients and the aliasing of
+    input and result are those of the eager in-place call."""
+    return input.copy_(out)
+
+
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul in on t's device, or None when it is off."""
     if not _any_autocast():
@@ -401,8 +410,12 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     With ``inplace=True`` the input tensor is overwritten with the result (and
     returned), as in torch; the backward reads only the output, so nothing is lost.
     """
+    if input.dtype == torch.bool:
+        raise TypeError("relu: boolean inputs are not supported, as in torch; convert "
+                        "them first, e.g. input.float()")
     if traced():
-        return ReLUFunction.apply(input, inplace)
+        out = ReLUFunction.apply(input, False)
+        return _traced_in_place(input, out) if inplace else out
     return ReLUFunction._eager_apply(input, inplace)
 
 
@@ -464,12 +477,22 @@ def mse_loss(
 # ---- activations --------------------------------------------------------------------
 
 
+def _floating(name: str, input: Tensor) -> None:
+    """Refuse a tensor of integers or booleans, as torch's kernel for ``name`` does."""
+    if not (input.is_floating_point() or input.is_complex()):
+        raise TypeError(f"{name}: expected a floating-point tensor, got {input.dtype}, as "
+                        f"torch's {name} does; convert it first, e.g. input.float()")
+
+
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """As ``torch.nn.functional.leaky_relu``."""
+    _floating("leaky_relu", input)
     if inplace and negative_slope < 0:
         raise ValueError(
             f"leaky_relu: inplace=True needs negative_slope >= 0 (got {negative_slope}): the "
             "backward reads the sign from the overwritten output; use inplace=False")
+    if inplace and traced():  # (the Function saves its output: input may take it)
+        return _traced_in_place(input, LeakyReLUFunction.apply(input, negative_slope, False))
     return LeakyReLUFunction.apply(input, negative_slope, inplace)
 
 
@@ -484,15 +507,24 @@ def tanh(input: Tensor) -> Tensor:
 
 
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
-    """As ``torch.nn.functional.silu``; ``inplace`` writes the result into ``input``."""
-    out = SiLUFunction.apply(input)
-    return input.copy_(out) if inplace else out
+    """As ``torch.nn.functional.silu``; ``inplace`` writes the result into ``input``.
+
+    The backward needs the input z, which an in-place call overwrites, so when a gradient
+    may be wanted the Function runs on a copy of z (what torch's autograd keeps for
+    ``silu_`` too) and the result is copied into ``input``."""
+    _floating("silu", input)
+    if not inplace:
+        return SiLUFunction.apply(input)
+    if traced() or (torch.is_grad_enabled() and input.requires_grad):
+        return input.copy_(SiLUFunction.apply(input.clone()))
+    return input.mul_(torch.sigmoid(input))  # no gradient: nothing to keep
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """As ``torch.nn.functional.gelu``: ``approximate`` is 'none' or 'tanh'."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _floating("gelu", input)
     return GELUFunction.apply(input, approximate)
 
 
@@ -505,18 +537,26 @@ def _softmax_dim(name: str, input: Tensor, dim: int | None) -> int:
     return dim
 
 
-def softmax(input: Tensor, dim: int | None = None) -> Tensor:
-    """As ``torch.nn.functional.softmax`` (float32 under CUDA autocast, as torch's)."""
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
+            dtype: torch.dtype | None = None) -> Tensor:
+    """As ``torch.nn.functional.softmax`` (float32 under CUDA autocast, as torch's);
+    ``dtype`` casts the input first, as torch's does."""
     dim = _softmax_dim("softmax", input, dim)
-    if _float32_under_autocast(input):
+    if dtype is not None:
+        input = input.to(dtype)
+    elif _float32_under_autocast(input):
         input = input.float()
     return SoftmaxFunction.apply(input, dim)
 
 
-def log_softmax(input: Tensor, dim: int | None = None) -> Tensor:
-    """As ``torch.nn.functional.log_softmax`` (float32 under CUDA autocast, as torch's)."""
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """As ``torch.nn.functional.log_softmax`` (float32 under CUDA autocast, as torch's);
+    ``dtype`` casts the input first, as torch's does."""
     dim = _softmax_dim("log_softmax", input, dim)
-    if _float32_under_autocast(input):
+    if dtype is not None:
+        input = input.to(dtype)
+    elif _float32_under_autocast(input):
         input = input.float()
     return LogSoftmaxFunction.apply(input, dim)
 
@@ -590,6 +630,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     if target.is_floating_point():
         _check_same_shape("cross_entropy", input, target)
+        if ignore_index >= 0:
+            raise ValueError(
+                f"cross_entropy: ignore_index={ignore_index} does not apply to class-"
+                "probability targets (torch refuses it too); leave it at its default, "
+                "or give class indices")
     else:
         expected = (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()
         if tuple(target.shape) != tuple(expected):
@@ -636,20 +681,16 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     """As ``torch.nn.functional.batch_norm``: in training, normalise with the batch's
     statistics and move the running ones towards them by ``momentum``. Float32 parameters
     and statistics with a float16/bfloat16 input give the input's dtype, as torch's do."""
-    if input.dim() < 2:
-        raise ValueError(f"batch_norm: expected input (N, C) or (N, C, *), got "
-                         f"{tuple(input.shape)}")
+    _batch_norm_checks(input, training, eps)
+    if input.dim() < 2:  # empty, which torch runs too: nothing to normalise
+        return input.clone()
     half = _half_in_float32("batch_norm", input, weight=weight, bias=bias,
                             running_mean=running_mean, running_var=running_var)
     x = input
     if half:  # a half input is normalised in float32
         x, weight, bias = input.float(), _float32(weight), _float32(bias)
     if training:
-        per_channel = input.numel() // input.shape[1]
-        if per_channel <= 1:
-            raise ValueError(f"batch_norm: training needs more than one value per channel, "
-                             f"got input of shape {tuple(input.shape)}")
-        if running_mean is not None:
+        if running_mean is not None and input.numel():  # an empty batch moves nothing
             with torch.no_grad():
                 var, mean, _ = centred_stats(x, (0, *range(2, x.dim())), correction=1)
                 running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
@@ -662,6 +703,20 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return out.to(input.dtype) if half else out
 
 
+def _batch_norm_checks(input: Tensor, training: bool, eps: float) -> None:
+    """Refuse what torch's batch_norm refuses; an empty batch is accepted, as torch's."""
+    if input.dim() < 2 and input.numel():
+        raise ValueError(f"batch_norm: expected input (N, C) or (N, C, *), got "
+                         f"{tuple(input.shape)}")
+    if training and input.dim() >= 2 and input.numel() // input.shape[1] == 1:
+        raise ValueError(f"batch_norm: training needs more than one value per channel, "
+                         f"got input of shape {tuple(input.shape)}; use a batch of at "
+                         "least 2, or eval mode")
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm: eps must be positive in training, got {eps}, as in "
+                         "torch (the variance of a constant channel is 0)")
+
+
 def dropout(input: Tensor, p: float = 0.5, training: bool = True,
             inplace: bool = False) -> Tensor:
     """As ``torch.nn.functional.dropout`` (a different random stream than torch's)."""
@@ -669,17 +724,36 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True,
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return input
-    return DropoutFunction.apply(input, p, inplace)[0]
+    # the mask is drawn here, outside the Function: under torch.func.vmap this draw
+    # follows vmap's randomness setting ('different' per sample, or 'same')
+    keep = torch.rand_like(input) >= p
+    scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+    if inplace and traced():  # (the Function saves only the mask: input may take y)
+        return _traced_in_place(input, DropoutFunction.apply(input, keep, scale, False))
+    return DropoutFunction.apply(input, keep, scale, inplace)
 
 
 # ---- convolution, pooling, shape ----------------------------------------------------
 
 
 def _pair(name: str, what: str, v: int | tuple[int, ...]) -> tuple[int, int]:
+    """An int, or a sequence of one or two ints, as the pair torch's 2-d kernels expand
+    it to."""
     pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) == 1:
+        pair = pair * 2
     if len(pair) != 2:
-        raise ValueError(f"{name}: {what} must be an int or a pair, got {v!r}")
+        raise ValueError(f"{name}: {what} must be an int, or a sequence of one or two "
+                         f"ints, got {v!r}")
     return pair  # type: ignore[return-value]
+
+
+def _pool_stride(name: str, stride: int | tuple[int, ...] | None,
+                 kernel: tuple[int, int]) -> tuple[int, int]:
+    """A pooling layer's stride: the kernel size when None or empty, as in torch."""
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        return kernel
+    return _pair(name, "stride", stride)
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -730,7 +804,7 @@ def max_pool2d(input: Tensor, kernel_size: int | tuple[int, int],
                return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """As ``torch.nn.functional.max_pool2d``."""
     k = _pair("max_pool2d", "kernel_size", kernel_size)
-    s = k if stride is None or stride == [] else _pair("max_pool2d", "stride", stride)
+    s = _pool_stride("max_pool2d", stride, k)
     out, indices = MaxPool2dFunction.apply(input, k, s, _pair("max_pool2d", "padding", padding),
                                            _pair("max_pool2d", "dilation", dilation), ceil_mode)
     return (out, indices) if return_indices else out
@@ -742,13 +816,13 @@ def avg_pool2d(input: Tensor, kernel_size: int | tuple[int, int],
                divisor_override: int | None = None) -> Tensor:
     """As ``torch.nn.functional.avg_pool2d``."""
     k = _pair("avg_pool2d", "kernel_size", kernel_size)
-    s = k if stride is None or stride == [] else _pair("avg_pool2d", "stride", stride)
+    s = _pool_stride("avg_pool2d", stride, k)
     return AvgPool2dFunction.apply(input, k, s, _pair("avg_pool2d", "padding", padding),
                                    ceil_mode, count_include_pad, divisor_override)
 
 
-def flatten(input: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:
-    """As ``torch.flatten``."""
+def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """As ``torch.flatten`` (start_dim 0 by default; ``nn.Flatten``'s is 1)."""
     return FlattenFunction.apply(input, start_dim, end_dim)
 
 
@@ -761,6 +835,9 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
                                   "its gradient is always dense")
     if input.is_floating_point():
         raise TypeError(f"embedding: indices must be integers, got {input.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"embedding: weight must be 2-D (num_embeddings, embedding_dim), "
+                         f"got shape {tuple(weight.shape)}")
     num = weight.shape[0]
     if _can_read_values(input) and input.numel() and (int(input.min()) < 0
                                                       or int(input.max()) >= num):

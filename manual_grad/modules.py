@@ -161,12 +161,14 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        # refused before num_batches_tracked moves: a refused batch changes no state
+        F._batch_norm_checks(input, use_batch, self.eps)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             # momentum=None: a cumulative moving average of every batch so far
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         return F.batch_norm(input, self.running_mean if keep_running else None,
                             self.running_var if keep_running else None, self.weight,

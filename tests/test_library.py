@@ -30,8 +30,23 @@ class Case:
 
     def build(self, lib, dtype):
         module = getattr(lib, self.layer)(*self.args, **self.kwargs)
+        if self.kwargs.get("inplace"):
+            module = AfterAnOp(module)
         module = module.to(dtype)
         return module.train(self.train)
+
+
+class AfterAnOp(nn.Module):
+    """layer(2 x): an in-place layer overwrites a tensor, so the cases give it the result
+    of an op rather than a leaf (which torch refuses to overwrite); the factor 2 also
+    checks that the gradient reaches the input through that op."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x * 2)
 
 
 def away(t: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
@@ -66,7 +81,12 @@ def pair(shape=(5, 3), pos=False):
 W5 = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.7])
 
 CASES = [
+    Case("ReLU", "ReLU", inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
+    Case("ReLU-inplace", "ReLU", kwargs={"inplace": True},
+         inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
     Case("LeakyReLU", "LeakyReLU", inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
+    Case("LeakyReLU-slope0.2-inplace", "LeakyReLU", kwargs={"negative_slope": 0.2, "inplace": True},
+         inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
     Case("LeakyReLU-slope0.2", "LeakyReLU", (0.2,),
          inputs=lambda d: [away(torch.randn(3, 2, 4, dtype=d))]),
     Case("Sigmoid", "Sigmoid"),
@@ -74,6 +94,8 @@ CASES = [
     Case("GELU-none", "GELU"),
     Case("GELU-tanh", "GELU", kwargs={"approximate": "tanh"}),
     Case("SiLU", "SiLU", inputs=lambda d: [torch.randn(7, dtype=d)]),
+    Case("SiLU-inplace", "SiLU", kwargs={"inplace": True},
+         inputs=lambda d: [torch.randn(3, 7, dtype=d)]),
     Case("Softmax-dim1", "Softmax", (1,)),
     Case("Softmax-dim0-3d", "Softmax", (0,), inputs=lambda d: [torch.randn(3, 2, 4, dtype=d)]),
     Case("LogSoftmax-dim-1", "LogSoftmax", (-1,), inputs=lambda d: [torch.randn(2, 3, 4, dtype=d)]),
@@ -402,6 +424,10 @@ def complex_inputs(case: Case) -> list[torch.Tensor]:
 # so the hand-derived formulas take conjugates (of W and x in Linear/Conv2d, of the
 # local derivative in Sigmoid/Tanh, and |d|'s sign is d/|d| in L1Loss)
 COMPLEX = [c for c in CASES if c.layer in ("Sigmoid", "Tanh", "Conv2d", "L1Loss", "Flatten")]
+# torch refuses to differentiate silu on complex tensors, but its in-place silu_ lets one
+# through, with a gradient that is not torch's own dL/d(conj z) (finite differences
+# disagree with it); for that case gradcheck is the oracle (test_complex_silu below)
+TORCH_WRONG_ON_COMPLEX = ["SiLU-inplace"]
 
 
 @pytest.mark.parametrize("case", COMPLEX, ids=lambda c: c.id)
@@ -427,7 +453,16 @@ def test_the_complex_list_is_what_torch_runs():
         except (RuntimeError, NotImplementedError):
             continue
         runs.append(case.id)
-    assert runs == [c.id for c in COMPLEX]
+    assert sorted(runs) == sorted([c.id for c in COMPLEX] + TORCH_WRONG_ON_COMPLEX)
+
+
+def test_complex_silu_follows_finite_differences_where_torchs_silu_inplace_does_not():
+    case = next(c for c in CASES if c.id == "SiLU-inplace")
+    ours, theirs = (m.to(torch.complex128) for m in paired(case, torch.float64))
+    raw = complex_inputs(case)
+    assert_gradchecks(case, ours, raw)  # dL/d(conj z), as every other complex layer
+    with pytest.raises(AssertionError):  # torch's silu_ gives another (g times the
+        assert_same_as_torch(case, ours, theirs, raw)  # derivative, not its conjugate)
 
 
 @pytest.mark.parametrize("case", CASES + PARITY_ONLY, ids=lambda c: c.id)

@@ -64,7 +64,8 @@ class ReLUFunction(Function):
 
     @staticmethod
     def forward(z: Tensor, inplace: bool = False) -> Tensor:
-        return z.clamp_min_(0.0) if inplace else z.clamp_min(0.0)
+        # (the int 0 keeps an integer z's dtype, as torch's relu does)
+        return z.clamp_min_(0) if inplace else z.clamp_min(0)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -81,16 +82,15 @@ class ReLUFunction(Function):
         return relu_grad(g, u), None  # g * (u > 0)
 
 
-
 @fast_apply
 class LeakyReLUFunction(Function):
     r"""u = z if z > 0 else a z, element-wise (a: negative_slope).
 
         dL/dz = g * (1 if z > 0 else a)          (a at z == 0, as torch)
 
-    Out of place the input z is saved. In place z is overwritten, so the sign is read
-    from u instead, which is faithful only for a >= 0 (then u > 0 exactly where z > 0);
-    torch refuses a negative slope in place for the same reason.
+    For a >= 0 the sign is read from the output u (u > 0 exactly where z > 0), so an
+    in-place call, which overwrites z, loses nothing; a negative slope flips the sign,
+    so then z itself is saved, and torch refuses such a slope in place for that reason.
     """
 
     generate_vmap_rule = True
@@ -105,14 +105,14 @@ class LeakyReLUFunction(Function):
         z, negative_slope, inplace = inputs
         if inplace:
             ctx.mark_dirty(z)
-        ctx.save_for_backward(output if inplace else z)
+        ctx.save_for_backward(output if negative_slope >= 0 else z)
         ctx.negative_slope = negative_slope
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        (s,) = ctx.saved_tensors  # z, or u in place: positive exactly where z is
+        (s,) = ctx.saved_tensors  # u (or z): positive exactly where z is
         return torch.where(s > 0, g, g * ctx.negative_slope), None, None
 
 
@@ -190,7 +190,7 @@ class SiLUFunction(Function):
             return None
         (z,) = ctx.saved_tensors
         s = torch.sigmoid(z)
-        return g * s * (1 + z * (1 - s))
+        return g * (s * (1 + z * (1 - s))).conj()  # (conj: for complex z, a no-op else)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -13,7 +13,7 @@ from torch.autograd import Function
 
 from manual_grad.functions._fast_apply import fast_apply
 from manual_grad.functions.activations import relu_grad
-from manual_grad.functions.linear import affine
+from manual_grad.functions.linear import affine, as_rows
 
 
 @fast_apply
@@ -42,11 +42,11 @@ class LinearReLUFunction(Function):
         x, W, h = ctx.saved_tensors
         needs_x, needs_W, needs_b = ctx.needs_input_grad  # False for an absent bias
         dz = relu_grad(g, h)  # g * (h > 0)
-        dz_rows = dz if dz.dim() == 2 else dz.reshape(-1, dz.shape[-1])
+        dz_rows = as_rows(dz)
         grad_x = dz @ W if needs_x else None
         grad_W = grad_b = None
         if needs_W:
-            grad_W = dz_rows.t() @ (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+            grad_W = dz_rows.t() @ as_rows(x)
         if needs_b:
             grad_b = dz_rows.sum(0)
         return grad_x, grad_W, grad_b
@@ -85,21 +85,21 @@ class MLPFunction(Function):
     def backward(ctx: Any, g: Tensor | None, g_h: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W1, W2, h = ctx.saved_tensors
         need_x, need_W1, need_b1, need_W2, need_b2 = ctx.needs_input_grad  # False if absent
-        h_rows = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+        h_rows = as_rows(h)
         grad_W2 = grad_b2 = grad_x = grad_W1 = grad_b1 = None
         g_rows = None
         if g is not None:
-            g_rows = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])
+            g_rows = as_rows(g)
             grad_W2 = g_rows.t() @ h_rows if need_W2 else None
             grad_b2 = g_rows.sum(0) if need_b2 else None
         if (need_x or need_W1 or need_b1) and (g is not None or g_h is not None):
             dh = g_rows @ W2 if g_rows is not None else None
             if g_h is not None:
-                g_h_rows = g_h.reshape(-1, g_h.shape[-1])
+                g_h_rows = as_rows(g_h)
                 dh = g_h_rows if dh is None else dh + g_h_rows
             dz = relu_grad(dh, h_rows)  # dh * (h > 0)
             if need_W1:
-                grad_W1 = dz.t() @ (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+                grad_W1 = dz.t() @ as_rows(x)
             grad_b1 = dz.sum(0) if need_b1 else None
             grad_x = (dz @ W1).reshape(*h.shape[:-1], W1.shape[1]) if need_x else None
         return grad_x, grad_W1, grad_b1, grad_W2, grad_b2

@@ -1,5 +1,6 @@
 """Linear layer, y = x W^T + b, with its backward pass derived by hand."""
 
+import math
 from typing import Any
 
 import torch
@@ -9,11 +10,18 @@ from torch.autograd import Function
 from manual_grad.functions._fast_apply import fast_apply
 
 
+def as_rows(t: Tensor) -> Tensor:
+    """(*, k) -> (n, k), n the product of the leading dims (0 when one is 0; -1 would be
+    ambiguous when k is 0). A view when possible; reshape, not view: t may be expanded
+    or strided (e.g. g from .sum())."""
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     """x W^T + b for x of shape (*, in): one (addmm) product over the flattened rows."""
     if x.dim() == 2:  # the usual (n, in) batch: no reshapes
         return x @ W.t() if b is None else torch.addmm(b, x, W.t())
-    rows = x.reshape(-1, W.shape[1])  # (*, in) -> (n, in): a view when possible
+    rows = as_rows(x)  # (*, in) -> (n, in): a view when possible
     y = rows @ W.t() if b is None else torch.addmm(b, rows, W.t())
     return y.reshape(*x.shape[:-1], W.shape[0])
 
@@ -62,10 +70,9 @@ class LinearFunction(Function):
         grad_x = g @ W.conj() if needs_x else None  # (*, out) @ (out, in) -> (*, in)
         grad_W = grad_b = None
         if needs_W or needs_b:
-            # reshape, not view: g may be expanded or strided (e.g. from .sum()).
-            g_rows = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])  # (n, out)
+            g_rows = as_rows(g)  # (n, out)
             if needs_W:
-                x_rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+                x_rows = as_rows(x)  # (n, in)
                 grad_W = g_rows.t() @ x_rows.conj()  # (out, n) @ (n, in)
             if needs_b:
                 grad_b = g_rows.sum(0)  # (out,)

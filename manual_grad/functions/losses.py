@@ -237,6 +237,11 @@ class CrossEntropyLossFunction(Function):
         grad_z = grad_t = None
         if ctx.needs_input_grad[0]:
             grad_z = (torch.softmax(z, dim) * a.sum(dim, keepdim=True) - a) * g_i
+            if not t.is_floating_point():
+                # an ignored sample gets exactly 0, as in torch, also when every sample
+                # is ignored and 'mean' divides by a zero denominator (0 * inf is NaN)
+                kept = t != ctx.ignore_index
+                grad_z = torch.where(kept.unsqueeze(dim) if z.dim() > 1 else kept, grad_z, 0)
         if ctx.needs_input_grad[1]:  # only probability targets are differentiable
             w = 1.0 if weight is None else _class_view(weight, z)
             q = torch.log_softmax(z, dim)

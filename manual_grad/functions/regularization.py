@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.autograd import Function
 
@@ -11,32 +10,32 @@ from manual_grad.functions._fast_apply import fast_apply
 
 @fast_apply
 class DropoutFunction(Function):
-    r"""y = x * m / (1 - p), m_i ~ Bernoulli(1 - p) drawn once per forward.
+    r"""y = x * m * s, with m the mask of kept units (m_i ~ Bernoulli(1 - p), drawn by the
+    caller, ``functional.dropout``) and s = 1 / (1 - p) the scale (0 when p = 1):
 
-        dL/dx = g * m / (1 - p)
+        dL/dx = g * m * s
 
-    The mask is kept as booleans (1 byte per element, a quarter of a float32 copy),
-    the only thing the backward needs. p = 1 drops everything (y = 0, dL/dx = 0).
+    The mask is an input, not drawn here, so that the Function is pure: torch.func.vmap
+    batches it with its own rule for random draws (``randomness='different'`` or
+    ``'same'``), and there is one output, as autograd needs of a Function that
+    overwrites an input that is a view. Only the boolean mask (1 byte per element, a quarter of a
+    float32 copy) is kept for the backward.
     """
 
-    @staticmethod
-    def forward(x: Tensor, p: float, inplace: bool = False) -> tuple[Tensor, Tensor]:
-        keep = torch.rand_like(x) >= p
-        scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
-        y = x.mul_(keep).mul_(scale) if inplace else x * keep * scale
-        return y, keep
+    generate_vmap_rule = True
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        x, p, inplace = inputs
-        y, keep = output
+    def forward(x: Tensor, keep: Tensor, scale: float, inplace: bool = False) -> Tensor:
+        return x.mul_(keep).mul_(scale) if inplace else x * keep * scale
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, keep, ctx.scale, inplace = inputs
         if inplace:
             ctx.mark_dirty(x)
-        ctx.mark_non_differentiable(keep)
         ctx.save_for_backward(keep)
-        ctx.scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor, _g_keep: Tensor | None) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         (keep,) = ctx.saved_tensors
-        return (g * keep * ctx.scale if ctx.needs_input_grad[0] else None), None, None
+        return (g * keep * ctx.scale if ctx.needs_input_grad[0] else None), None, None, None

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions.linear import as_rows
 
 
 @fast_apply
@@ -58,7 +59,7 @@ class EmbeddingFunction(Function):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None
         (i,) = ctx.saved_tensors
-        flat_i, rows = i.reshape(-1), g.reshape(-1, g.shape[-1])
+        flat_i, rows = i.reshape(-1), as_rows(g)
         if ctx.scale_grad_by_freq:
             # how often each row was looked up (bincount's answer, by an op that also
             # runs on meta tensors; integer sums, so exact and deterministic)

@@ -1,0 +1,220 @@
+"""Outside oracles: PyTorch's own sample inputs, run through manual_grad.
+
+``op_db`` (torch.testing._internal.common_methods_invocations) holds, for each torch
+function, the sample inputs torch's own test suite runs it on, and the inputs it must
+refuse (``error_inputs``); ``module_db`` (common_modules) does the same for modules, every
+constructor option included. Each sample runs through torch and through manual_grad:
+
+- where torch accepts it, manual_grad gives the same output, the same gradient for every
+  tensor that requires one, and the same buffers (running statistics);
+- where torch refuses it, manual_grad refuses it too;
+- the only exceptions are the documented refusals below (README, "Refusals"): inputs
+  torch accepts and manual_grad refuses on purpose, each with a reason.
+
+Nothing here was chosen by this project: the inputs are torch's.
+"""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+import manual_grad
+from manual_grad import functional as MF
+from manual_grad.convert import COUNTERPARTS
+
+common_methods = pytest.importorskip("torch.testing._internal.common_methods_invocations")
+common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+
+# torch's name in op_db -> manual_grad.functional's counterpart
+FUNCTIONS = {
+    "nn.functional.linear": MF.linear,
+    "nn.functional.relu": MF.relu,
+    "nn.functional.leaky_relu": MF.leaky_relu,
+    "sigmoid": MF.sigmoid,
+    "tanh": MF.tanh,
+    "nn.functional.gelu": MF.gelu,
+    "nn.functional.silu": MF.silu,
+    "softmax": MF.softmax,
+    "log_softmax": MF.log_softmax,
+    "nn.functional.mse_loss": MF.mse_loss,
+    "nn.functional.l1_loss": MF.l1_loss,
+    "nn.functional.huber_loss": MF.huber_loss,
+    "nn.functional.binary_cross_entropy_with_logits": MF.binary_cross_entropy_with_logits,
+    "nn.functional.cross_entropy": MF.cross_entropy,
+    "nn.functional.layer_norm": MF.layer_norm,
+    "nn.functional.batch_norm": MF.batch_norm,
+    "nn.functional.conv2d": MF.conv2d,
+    "nn.functional.max_pool2d": MF.max_pool2d,
+    "nn.functional.avg_pool2d": MF.avg_pool2d,
+    "flatten": MF.flatten,
+    # op_db's embedding takes the weight first: (weight, indices)
+    "nn.functional.embedding": lambda weight, indices, **kw: MF.embedding(indices, weight, **kw),
+}
+
+# Inputs torch accepts and manual_grad refuses on purpose (README, "Refusals"): a pattern
+# of the refusal's message, and the reason. A sample whose refusal matches none is a bug.
+DOCUMENTED_REFUSALS = {
+    "broadcasting loss": r"would broadcast|do not match|differ",
+    "mixed dtypes": r"convert (one side|the target)",
+}
+
+OPS = [op for op in common_methods.op_db if op.name in FUNCTIONS]
+MODULES = [m for m in common_modules.module_db if m.module_cls in COUNTERPARTS]
+
+
+def _id(info) -> str:
+    name = getattr(info, "name", None) or info.module_cls.__name__
+    variant = getattr(info, "variant_test_name", "")
+    return f"{name}.{variant}" if variant else name
+
+
+def _clone(tree):
+    """A leaf copy of every tensor in tree, requiring grad where the original did."""
+    def leaf(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        c = t.detach().clone()
+        return c.requires_grad_(t.requires_grad)
+    return tree_map(leaf, tree)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _documented(error: Exception) -> bool:
+    return any(re.search(p, str(error)) for p in DOCUMENTED_REFUSALS.values())
+
+
+def _run(fn, inputs, params, gs=None):
+    """fn on inputs: its tensor outputs, the gradients (for gs, random when None) of the
+    inputs that require grad and of params, and the gs used."""
+    outs = _tensors(fn(inputs))
+    diff = [t for t in outs if t.requires_grad]
+    leaves = [t for t in _tensors(inputs) if t.requires_grad] + list(params)
+    if gs is None:
+        gs = [torch.randn_like(t) for t in diff]
+    grads = torch.autograd.grad(diff, leaves, gs, allow_unused=True) if diff else []
+    return outs, [t.requires_grad for t in outs], list(grads), gs
+
+
+def _as_float64(tree):
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor)
+                    and t.dtype == torch.float32 else t, tree)
+
+
+def _close_or_closer(name, what, ours, theirs, exact):
+    """ours equals torch's; in float32, where it does not, ours must be at least as close
+    as torch's to the float64 result (exact) on every element: torch's float32 kernels
+    round differently, and a formula more exact than torch's is not a bug."""
+    try:
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    except AssertionError as error:
+        if exact is None or ours.dtype != torch.float32:
+            raise AssertionError(f"{name}: {what}: {error}") from None
+        exact = exact.to(ours.dtype)
+        ours_error, torch_error = (ours - exact).abs(), (theirs - exact).abs()
+        worse = ours_error > torch_error + 1e-6 + 1e-5 * exact.abs()
+        assert not worse.any(), f"{name}: {what}: further from float64 than torch's: {error}"
+
+
+def _compare(name, ours_fn, theirs_fn, inputs, params=((), ()), theirs64=None) -> None:
+    """Run both on copies of inputs; compare outputs and every gradient. theirs64, when
+    given, is torch's computation in float64 (a float32 tie-breaker, see above)."""
+    a, b = _clone(inputs), _clone(inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            expected = _run(theirs_fn, b, params[1])
+        except Exception:  # torch refuses: so must we
+            with pytest.raises(Exception) as ours_error:
+                ours_fn(a)
+            assert not isinstance(ours_error.value, AssertionError), name
+            return
+        try:
+            got = _run(ours_fn, a, params[0], expected[3])
+        except Exception as error:
+            if _documented(error):
+                return
+            raise AssertionError(f"{name}: torch runs it, manual_grad raised {error!r}")
+        exact = None
+        if theirs64 is not None:
+            exact = _run(theirs64, _as_float64(_clone(inputs)), (), [g.double() for g in
+                                                                   expected[3]])
+    (outs_a, req_a, grads_a, _), (outs_b, req_b, grads_b, _) = got, expected
+    assert len(outs_a) == len(outs_b), name
+    assert req_a == req_b, f"{name}: outputs that require grad differ"
+    for i, (x, y) in enumerate(zip(outs_a, outs_b, strict=True)):
+        assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, y.dtype, x.shape,
+                                                           y.shape)
+        _close_or_closer(name, f"output {i}", x, y, exact and exact[0][i])
+    for i, (x, y) in enumerate(zip(grads_a, grads_b, strict=True)):
+        if y is None or x is None:  # unused: None on one side, zeros on the other
+            assert (x is None or not x.any()) and (y is None or not y.any()), (name, i)
+            continue
+        _close_or_closer(name, f"gradient {i}", x, y, exact and exact[2][i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("op", OPS, ids=_id)
+def test_torch_sample_inputs_give_torchs_values_and_gradients(op, dtype):
+    if dtype not in op.supported_dtypes("cpu"):
+        pytest.skip(f"torch's {op.name} does not take {dtype} on the CPU")
+    ours = FUNCTIONS[op.name]
+    n = 0
+    for sample in op.sample_inputs("cpu", dtype, requires_grad=True):
+        inputs = (sample.input, sample.args, sample.kwargs)
+        _compare(f"{_id(op)}[{sample.summary() if hasattr(sample, 'summary') else n}]",
+                 lambda t, f=ours: f(t[0], *t[1], **t[2]),
+                 lambda t, f=op.op: f(t[0], *t[1], **t[2]), inputs,
+                 theirs64=lambda t, f=op.op: f(t[0], *t[1], **t[2]))
+        n += 1
+    assert n, "torch gave no samples"
+
+
+@pytest.mark.parametrize("op", OPS, ids=_id)
+def test_inputs_torch_refuses_are_refused(op):
+    if op.error_inputs_func is None:
+        pytest.skip("torch lists no inputs it refuses")
+    for e in op.error_inputs("cpu"):
+        s = e.sample_input
+        with pytest.raises(Exception):
+            FUNCTIONS[op.name](s.input, *s.args, **s.kwargs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("info", MODULES, ids=_id)
+def test_torch_module_samples_give_torchs_values_gradients_and_buffers(info, dtype, training):
+    if dtype not in info.dtypes:
+        pytest.skip(f"torch's {info.module_cls.__name__} does not take {dtype}")
+    samples = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True,
+                                      training=training)
+    for n, sample in enumerate(samples):
+        if sample.forward_input is None:
+            continue
+        c = sample.constructor_input
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = info.module_cls(*c.args, **c.kwargs).to(dtype).train(training)
+        ours = copy.deepcopy(theirs)
+        converted = manual_grad.convert(ours, inplace=True)
+        name = f"{_id(info)}[{n}: {sample.desc or c.kwargs}]"
+        if ours.__class__ is type(theirs):
+            # kept by convert: the report says why, and the layer itself refuses
+            assert converted.kept, name
+            continue
+        f = sample.forward_input
+        params_a = [p for p in ours.parameters() if p.requires_grad]
+        params_b = [p for p in theirs.parameters() if p.requires_grad]
+        _compare(name, lambda t, m=ours: m(*t[0], **t[1]),
+                 lambda t, m=theirs: m(*t[0], **t[1]), (f.args, f.kwargs),
+                 (params_a, params_b))
+        for (key, x), y in zip(ours.state_dict().items(), theirs.state_dict().values(),
+                               strict=True):
+            torch.testing.assert_close(x, y, equal_nan=True, msg=f"{name}: {key}")
