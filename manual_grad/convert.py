@@ -1,10 +1,12 @@
-"""convert(model): swap every supported torch.nn layer for its manual_grad counterpart."""
+"""convert(model): swap every supported torch.nn layer for its manual_grad counterpart,
+and report truthfully what still runs on torch's own gradients."""
 
 import copy
 from collections.abc import Callable
 from typing import NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from manual_grad import modules
 
@@ -23,6 +25,9 @@ FUSABLE: dict[tuple[type[nn.Module], ...], type[nn.Module]] = {
     (nn.Linear, nn.ReLU): modules.FusedLinearReLU,
 }
 
+# every class whose forward runs hand-derived Functions
+MANUAL: tuple[type[nn.Module], ...] = (*COUNTERPARTS.values(), *FUSABLE.values())
+
 # options the manual layer refuses: such a layer is kept, and the report says why
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
     nn.Embedding: lambda m: "sparse=True" if m.sparse else None,
@@ -30,19 +35,117 @@ UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
     if m.inplace and m.negative_slope < 0 else None,
 }
 
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, parametrize.ParametrizationList)
+
+
+def _is_manual(module: nn.Module) -> bool:
+    return isinstance(module, MANUAL)
+
+
+def _parametrized_counterpart(module: nn.Module) -> type[nn.Module] | None:
+    """For a layer under torch.nn.utils.parametrize (weight_norm, spectral_norm,
+    orthogonal...), whose class torch made a subclass of the layer's (ParametrizedLinear
+    of Linear): a class with manual_grad's forward and the parametrized class's
+    properties, which compute the weight. None when the layer has no counterpart."""
+    if not parametrize.is_parametrized(module):
+        return None
+    parametrized = type(module)
+    counterpart = COUNTERPARTS.get(parametrized.__bases__[0])
+    if counterpart is None:
+        return None
+    # torch gives each parametrized layer a class of its own, holding a property per
+    # parametrized tensor: the same, on the manual_grad layer (remove_parametrizations
+    # deletes them there and turns the layer into its first base, the manual_grad one)
+    own = {k: v for k, v in vars(parametrized).items()
+           if k not in ("__dict__", "__weakref__", "__module__", "__doc__")}
+    return type(parametrized.__name__, (counterpart,), own)
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of model by name: modules with no children, and torch.nn modules with
+    children and parameters of their own (MultiheadAttention, whose in_proj_weight is
+    its own); not a parametrization's own modules, nor anything inside a fused block. A
+    model's own composite modules are not layers, though they may hold parameters (a
+    ViT's class_token): ``Conversion.native`` lists those."""
+    layers: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if parametrize.is_parametrized(module) or isinstance(module, tuple(FUSABLE.values())):
+            skip.append(f"{name}." if name else "")
+            layers[name] = module
+            continue
+        has_children = any(True for _ in module.children())
+        own = any(True for _ in module.parameters(recurse=False))
+        torch_layer = type(module).__module__.startswith("torch.nn.")
+        if (not has_children or (own and torch_layer)) and not isinstance(module, CONTAINERS):
+            layers[name] = module
+    return layers
 
 
 class Conversion(NamedTuple):
-    """What :func:`convert` returns: the model, and where each layer stands."""
+    """What :func:`convert` returns: the model, and where each layer stands.
+
+    replaced: qualified name -> the torch.nn type it was; kept: every layer that still
+    runs torch's own forward and backward, and why. ``native`` and ``coverage`` say
+    which parameters get their gradients from torch rather than a hand-derived formula.
+    """
 
     model: nn.Module
     replaced: dict[str, str]  # qualified name -> the torch.nn type it was
     kept: dict[str, str]  # qualified name -> its type, and why it was kept
 
+    @property
+    def native(self) -> dict[str, str]:
+        """Every parameter whose gradient stays torch's: its qualified name -> the layer
+        that owns it (parameters held directly by a non-leaf module, such as
+        MultiheadAttention's in_proj_weight or a ViT's class_token, included)."""
+        out = {}
+        for name, layer in _layers(self.model).items():
+            if _is_manual(layer):
+                continue
+            for pname, p in layer.named_parameters(recurse=not any(True for _ in
+                                                                   layer.children())):
+                if p.requires_grad:
+                    full = f"{name}.{pname}" if name else pname
+                    out[full] = f"{type(layer).__name__} at {name or '<root>'}"
+        # parameters of non-layer modules (e.g. a ViT's class_token on its root)
+        covered = {id(p) for layer in _layers(self.model).values()
+                   for p in layer.parameters()}
+        for pname, p in self.model.named_parameters():
+            if id(p) not in covered and p.requires_grad:
+                owner = pname.rpartition(".")[0]
+                module = self.model.get_submodule(owner)
+                out[pname] = f"{type(module).__name__} at {owner or '<root>'}"
+        return out
+
+    def coverage(self) -> tuple[float, float]:
+        """(share of trainable parameter elements, share of layers) with hand-derived
+        gradients."""
+        native = set(self.native)
+        params = [(n, p.numel()) for n, p in self.model.named_parameters() if p.requires_grad]
+        total = sum(n for _, n in params)
+        ours = sum(n for name, n in params if name not in native)
+        layers = _layers(self.model)
+        manual = sum(1 for m in layers.values() if _is_manual(m))
+        return (ours / total if total else 1.0), (manual / len(layers) if layers else 1.0)
+
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} layers with manual_grad ones"]
         lines += [f"  kept {name or '<root>'}: {why}" for name, why in self.kept.items()]
+        native = self.native
+        if native:
+            lines.append(f"  {len(native)} parameters keep torch's gradients:")
+            lines += [f"    {name} ({owner})" for name, owner in native.items()]
+        params = [p.numel() for p in self.model.parameters() if p.requires_grad]
+        layers = _layers(self.model)
+        share_p, share_l = self.coverage()
+        n_native = sum(p.numel() for n, p in self.model.named_parameters() if n in native)
+        lines.append(
+            f"hand-derived gradients: {100 * share_p:.1f}% of parameters "
+            f"({sum(params) - n_native:,} of {sum(params):,}), "
+            f"{round(share_l * len(layers))} of {len(layers)} layers ({100 * share_l:.1f}%)")
         return "\n".join(lines)
 
 
@@ -54,37 +157,65 @@ def _fused_class(module: nn.Module) -> type[nn.Module] | None:
     return FUSABLE.get(tuple(as_torch.get(type(m), type(m)) for m in module))
 
 
+def _why_kept(module: nn.Module) -> str:
+    kind = type(module)
+    if parametrize.is_parametrized(module):
+        base = kind.__bases__[0]
+        names = ", ".join(module.parametrizations.keys())
+        return (f"{base.__name__} under a parametrization of {names} (no manual_grad "
+                "counterpart)")
+    for torch_type in COUNTERPARTS:
+        if issubclass(kind, torch_type):
+            return (f"{kind.__name__}, a subclass of torch.nn.{torch_type.__name__}: its "
+                    "forward may differ, so it is not converted")
+    return f"{kind.__name__} (no manual_grad counterpart)"
+
+
 def convert(model: nn.Module, inplace: bool = False, fuse: bool = False) -> Conversion:
     """Replace every supported torch.nn layer in ``model`` (nested ones too).
 
     Each replaced layer keeps its very parameters and buffers (and hooks): only its
     class changes, to the manual_grad subclass whose forward calls a hand-derived
-    Function, so outputs and gradients stay the same. ``inplace=False`` (default)
-    converts a deep copy and leaves ``model`` untouched. Returns the model with a
-    report of what was replaced and of every leaf layer kept as it was, and why.
+    Function, so outputs and gradients stay the same. A layer under a parametrization
+    (weight_norm, spectral_norm, ...) is replaced too; the parametrization itself stays
+    torch's. ``inplace=False`` (default) converts a deep copy and leaves ``model``
+    untouched. Returns the model with a report of what was replaced and of every layer
+    kept as it was, and why; ``str()`` of it also lists the parameters whose gradients
+    stay torch's and ends with the share of parameters and layers that are hand-derived.
     """
     if not inplace:
         model = copy.deepcopy(model)
     replaced, kept = {}, {}
-    fused: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{f}.") or f == "" for f in fused):
-            continue  # inside a fused block: its children are no longer called
+    for name, module in _layers(model).items():
         kind = type(module)
-        block = _fused_class(module) if fuse else None
-        if block is not None:
-            replaced[name] = f"Sequential({', '.join(type(m).__name__ for m in module)})"
-            module.__class__ = block
-            fused.append(name)
+        parametrized = _parametrized_counterpart(module)
+        if _is_manual(module):
             continue
-        if kind in COUNTERPARTS:
+        if parametrized is not None:
+            base = kind.__bases__[0]
+            reason = UNSUPPORTED.get(base, lambda m: None)(module)
+            if reason is None:
+                module.__class__ = parametrized
+                names = ", ".join(module.parametrizations.keys())
+                replaced[name] = f"{base.__name__} (parametrized {names})"
+                continue
+            kept[name] = f"{base.__name__} ({reason} is not supported by manual_grad)"
+        elif kind in COUNTERPARTS:
             reason = UNSUPPORTED.get(kind, lambda m: None)(module)
             if reason is None:
                 module.__class__ = COUNTERPARTS[kind]
                 replaced[name] = kind.__name__
                 continue
             kept[name] = f"{kind.__name__} ({reason} is not supported by manual_grad)"
-        elif kind not in COUNTERPARTS.values() and not isinstance(module, CONTAINERS) \
-                and not any(True for _ in module.children()):
-            kept[name] = f"{kind.__name__} (no manual_grad counterpart)"
+        else:
+            kept[name] = _why_kept(module)
+    if fuse:
+        for name, module in list(model.named_modules()):
+            block = _fused_class(module)
+            if block is not None:
+                inside = f"{name}." if name else ""  # (the root holds every name)
+                replaced = {k: v for k, v in replaced.items()
+                            if not k.startswith(inside) and k != name}
+                replaced[name] = f"Sequential({', '.join(type(m).__name__ for m in module)})"
+                module.__class__ = block
     return Conversion(model, replaced, kept)

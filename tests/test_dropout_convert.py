@@ -52,6 +52,84 @@ def test_dropout_eval_p0_p1_and_inplace_match_torch():
         MF.dropout(x, 1.5)
 
 
+def test_dropout_in_place_on_a_view_as_in_efficientnet():
+    """torchvision's EfficientNet classifier: Dropout(inplace=True) right after
+    torch.flatten, whose result is a view. Torch allows it; the gradient is the formula's."""
+    x = (torch.rand(4, 6, 1, 1) + 0.5).requires_grad_()
+    h = torch.flatten(x * 1, 1)  # a view of the product
+    torch.manual_seed(0)
+    y = manual_grad.Dropout(0.25, inplace=True)(h)
+    assert y is h
+    kept = y != 0
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad.flatten(1), g * kept / 0.75)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dropout_gradcheck_with_a_fixed_draw_in_and_out_of_place(inplace):
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        torch.manual_seed(0)
+        return MF.dropout(x * 1, 0.4, inplace=inplace)
+
+    assert gradcheck(f, (x,))
+    assert gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dropout_compiles_fullgraph_with_the_eager_formula(inplace):
+    torch._dynamo.reset()
+    layer = manual_grad.Dropout(0.5, inplace=inplace)
+    x = (torch.rand(64, 32) + 0.5).requires_grad_()
+    y = torch.compile(lambda t: layer(t * 2), fullgraph=True, backend="aot_eager")(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], (4 * x)[kept].detach())  # 2 x / (1 - 0.5)
+    assert 0.4 < kept.float().mean() < 0.6
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, 4 * g * kept)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dropout_under_vmap_draws_per_sample_or_shared_masks(inplace):
+    layer = manual_grad.Dropout(0.5, inplace=inplace)
+    x = torch.rand(8, 200) + 0.5  # a batch of 8 samples of 200 units
+
+    def f(row):
+        return layer(row * 1)
+
+    different = torch.func.vmap(f, randomness="different")(x)
+    same = torch.func.vmap(f, randomness="same")(x)
+    assert not torch.equal(different[0] != 0, different[1] != 0)
+    assert all(torch.equal(same[0] != 0, same[i] != 0) for i in range(8))
+    for y in (different, same):
+        kept = y != 0
+        torch.testing.assert_close(y[kept], 2 * x[kept])
+    with pytest.raises(RuntimeError, match="randomness"):  # vmap's default, as torch.nn's
+        torch.func.vmap(f)(x)
+
+
+def test_per_sample_gradients_of_a_model_with_dropout_in_training():
+    """DP-SGD's need: vmap(grad) of a model in train mode, each sample its own mask."""
+    torch.manual_seed(0)
+    model = manual_grad.convert(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.5),
+                                              nn.Linear(16, 1))).model.train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 5), torch.randn(6, 1)
+
+    def loss(p, xi, yi):
+        return ((torch.func.functional_call(model, p, (xi,)) - yi) ** 2).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0),
+                            randomness="different")(params, x, y)
+    assert grads["0.weight"].shape == (6, 16, 5)
+    # each sample's first-layer gradient reaches only the hidden units its mask kept
+    rows_used = (grads["0.weight"].abs().sum(2) != 0).float()
+    assert rows_used.std(0).sum() > 0  # the samples' masks differ
+
+
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -109,3 +187,55 @@ def test_convert_leaves_user_subclasses_alone():
     model = nn.Sequential(MyLinear(3, 2))
     converted = manual_grad.convert(model).model
     assert type(converted[0]) is MyLinear
+
+
+def test_convert_report_lists_every_parameter_left_on_torchs_gradients():
+    """A ViT's attention keeps torch's layer for now: its report names the attention, its
+    in_proj_weight (held by the non-leaf MultiheadAttention itself), and the parameters
+    held by no layer at all (class_token, pos_embedding), then the coverage line."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                            hidden_dim=16, mlp_dim=32, num_classes=3)
+    report = manual_grad.convert(vit)
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    assert report.kept[attention] == "MultiheadAttention (no manual_grad counterpart)"
+    assert set(report.native) == {
+        "class_token", "encoder.pos_embedding", f"{attention}.in_proj_weight",
+        f"{attention}.in_proj_bias", f"{attention}.out_proj.weight",
+        f"{attention}.out_proj.bias"}
+    assert report.native["class_token"] == "VisionTransformer at <root>"
+    n_native = sum(vit.get_parameter(n).numel() for n in report.native)
+    total = sum(p.numel() for p in vit.parameters())
+    share_params, share_layers = report.coverage()
+    assert share_params == pytest.approx(1 - n_native / total)
+    assert str(report).splitlines()[-1] == (
+        f"hand-derived gradients: {100 * share_params:.1f}% of parameters "
+        f"({total - n_native:,} of {total:,}), 12 of 14 layers (85.7%)")
+
+
+def test_convert_replaces_a_parametrized_layer_and_names_a_subclass():
+    from torch.nn.utils import parametrizations, parametrize
+
+    class MyLayerNorm(nn.LayerNorm):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), MyLayerNorm(4))
+    parametrizations.weight_norm(model[0])
+    report = manual_grad.convert(model)
+    assert report.replaced == {"0": "Linear (parametrized weight)"}
+    assert report.kept == {"1": "MyLayerNorm, a subclass of torch.nn.LayerNorm: its forward "
+                                "may differ, so it is not converted"}
+    assert set(report.native) == {"1.weight", "1.bias"}
+    converted = report.model
+    assert isinstance(converted[0], manual_grad.Linear)
+    x = torch.randn(5, 3)
+    y1, y2 = model(x), converted(x)
+    torch.testing.assert_close(y1, y2)
+    assert "LinearFunction" in type(y2.grad_fn.next_functions[0][0]).__name__
+    g1 = torch.autograd.grad(y1.sum(), list(model.parameters()))
+    g2 = torch.autograd.grad(y2.sum(), list(converted.parameters()))
+    torch.testing.assert_close(g1, g2)
+    parametrize.remove_parametrizations(converted[0], "weight")
+    assert type(converted[0]) is manual_grad.Linear  # and back to a plain manual layer

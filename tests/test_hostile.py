@@ -199,11 +199,26 @@ def test_ten_thousand_steps_hold_memory_flat():
          r"softmax: dim 2 is out of range for an input of shape \(3, 4\)"),
         (lambda: manual_grad.LeakyReLU(-0.1, inplace=True)(torch.randn(3)), ValueError,
          r"leaky_relu: inplace=True needs negative_slope >= 0"),
+        # refused by torch, and so here (they ran, silently, before)
+        (lambda: manual_grad.BatchNorm1d(3, eps=0.0)(torch.randn(4, 3)), ValueError,
+         r"batch_norm: eps must be positive in training, got 0.0"),
+        (lambda: manual_grad.CrossEntropyLoss(ignore_index=1)(
+            torch.randn(3, 4), torch.softmax(torch.randn(3, 4), 1)), ValueError,
+         r"cross_entropy: ignore_index=1 does not apply to class-probability targets"),
+        (lambda: manual_grad.LeakyReLU()(torch.tensor([1, -2])), TypeError,
+         r"leaky_relu: expected a floating-point tensor, got torch.int64"),
+        (lambda: manual_grad.GELU()(torch.tensor([1, -2])), TypeError,
+         r"gelu: expected a floating-point tensor, got torch.int64"),
+        (lambda: manual_grad.SiLU()(torch.tensor([1, -2])), TypeError,
+         r"silu: expected a floating-point tensor, got torch.int64"),
+        (lambda: manual_grad.ReLU()(torch.tensor([True])), TypeError,
+         r"relu: boolean inputs are not supported"),
     ],
     ids=["ce-class-range", "ce-target-shape", "ce-weight-shape", "conv-channels",
          "conv-rank", "embedding-range", "embedding-sparse", "layernorm-shape",
          "batchnorm-one-value", "l1-shape", "gelu-approximate", "softmax-dim",
-         "leaky-inplace-negative"],
+         "leaky-inplace-negative", "batchnorm-eps0", "ce-probabilities-ignore-index",
+         "leaky-int", "gelu-int", "silu-int", "relu-bool"],
 )
 def test_library_bad_inputs_name_the_layer_and_the_fix(call, error, message):
     with pytest.raises(error, match=message):
@@ -309,3 +324,64 @@ def test_bce_with_weights_of_another_dtype_keeps_the_input_dtype(dtype, weight_d
     close = {"rtol": 2e-2, "atol": 2e-2} if low else tol(torch.float32)
     torch.testing.assert_close(ours, theirs, **close)
     torch.testing.assert_close(a.grad, b.grad, **close)
+
+
+def test_torch_refuses_and_so_do_we_with_the_same_kind_of_input():
+    """Each refusal above is one torch makes too (the oracle), not one of our own."""
+    import torch.nn.functional as TF
+    for call in (lambda: TF.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0),
+                 lambda: TF.cross_entropy(torch.randn(3, 4), torch.softmax(
+                     torch.randn(3, 4), 1), ignore_index=1),
+                 lambda: TF.leaky_relu(torch.tensor([1, -2])),
+                 lambda: TF.gelu(torch.tensor([1, -2])),
+                 lambda: TF.silu(torch.tensor([1, -2])),
+                 lambda: TF.relu(torch.tensor([True]))):
+        with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+            call()
+
+
+def test_relu_keeps_an_integer_dtype_and_its_exact_values():
+    x = torch.tensor([2**40 + 1, -3, 0])
+    for inplace in (False, True):
+        y = manual_grad.ReLU(inplace=inplace)(x.clone())
+        assert y.dtype == torch.int64
+        assert torch.equal(y, torch.relu(x))  # 2**40 + 1 exactly, not rounded to float32
+
+
+def test_a_refused_batch_changes_no_batchnorm_state():
+    layer = manual_grad.BatchNorm1d(3)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError):
+        layer(torch.randn(1, 3))  # one value per channel
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_an_empty_training_batch_runs_as_in_torch():
+    for lib in (nn, manual_grad):
+        layer = lib.BatchNorm2d(3)
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        assert torch.equal(layer.running_mean, torch.zeros(3))  # unchanged, as torch's
+        assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weight": torch.tensor([1.0, 2.0, 0.5, 1.0])},
+                                    {"label_smoothing": 0.2}],
+                         ids=["plain", "weight", "smoothing"])
+def test_a_fully_padded_batch_gives_torchs_zero_gradient(kwargs):
+    """Every target is ignore_index (a batch of padding): the 'mean' loss is 0/0 = NaN in
+    torch too, but the gradient is 0, not NaN, so one such batch does not poison every
+    parameter."""
+    target = torch.full((5,), 2)
+    grads = []
+    for lib in (nn, manual_grad):
+        z = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        loss = lib.CrossEntropyLoss(ignore_index=2, **kwargs)(z, target)
+        assert loss.isnan()
+        loss.backward()
+        grads.append(z.grad)
+    assert torch.equal(grads[1], torch.zeros(5, 4))
+    torch.testing.assert_close(grads[1], grads[0])

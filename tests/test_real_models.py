@@ -1,0 +1,98 @@
+"""Outside oracles: real torchvision models, built with random weights (no download), then
+converted. Outputs and every gradient equal torch.nn's in float64, in training and
+evaluation mode; a training step runs with each model's own dropout; the converted
+resnet18 compiles as one graph."""
+
+import pytest
+import torch
+from torch import nn
+
+import manual_grad
+
+torchvision = pytest.importorskip("torchvision")
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+}
+RANDOM = (nn.Dropout, torchvision.ops.StochasticDepth)
+
+
+def _pair(name: str):
+    torch.manual_seed(0)
+    theirs = MODELS[name]().double()
+    converted = manual_grad.convert(theirs)
+    return converted, theirs
+
+
+def _without_randomness(model: nn.Module, training: bool) -> nn.Module:
+    """model in training or eval mode, its dropout layers off (they draw from different
+    random streams in torch and here): BatchNorm still uses batch statistics in training."""
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, RANDOM):
+            m.eval()
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_model_gives_torchs_outputs_and_every_gradient(name, training):
+    converted, theirs = _pair(name)
+    ours = converted.model
+    kept = {type(ours.get_submodule(n)) for n in converted.kept}
+    # (no counterpart yet; neither has parameters)
+    assert kept <= {nn.AdaptiveAvgPool2d, torchvision.ops.StochasticDepth}
+    assert converted.native == {}  # every parameter's gradient is hand-derived
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    outs, grads = [], []
+    for model in (_without_randomness(ours, training), _without_randomness(theirs, training)):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+        grads.append(torch.autograd.grad(y, [xi, *model.parameters()], g))
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for n, a, b in zip(names, grads[0], grads[1], strict=True):
+        # float64 rounding, relative to the tensor's size (training-mode BatchNorm makes
+        # gradients of 1e5 here, whose small elements carry the large ones' rounding)
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * scale,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    for (n, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=n)  # running stats
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_model_trains_a_step_with_its_own_dropout(name):
+    converted, _ = _pair(name)
+    model = converted.model.float().train()  # every dropout layer on, in-place ones too
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = manual_grad.CrossEntropyLoss()(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    moved = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert moved == len(before)
+
+
+def test_converted_resnet18_compiles_as_one_graph_equal_to_eager():
+    torch._dynamo.reset()
+    converted, _ = _pair("resnet18")
+    model = converted.model.float().train()
+    for m in model.modules():  # (BatchNorm's running statistics: compare from one state)
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # breaks would raise
+    yc = compiled(x)
+    grads_c = torch.autograd.grad(yc.sum(), list(model.parameters()))
+    ye = model(x)
+    grads_e = torch.autograd.grad(ye.sum(), list(model.parameters()))
+    torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-5)
+    for (n, _), a, b in zip(model.named_parameters(), grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=n)
