@@ -81,6 +81,8 @@ def pair(shape=(5, 3), pos=False):
 W5 = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.7])
 
 CASES = [
+    Case("Linear", "Linear", (6, 3), inputs=lambda d: [torch.randn(2, 4, 6, dtype=d)]),
+    Case("Linear-no-bias", "Linear", (6, 3), {"bias": False}),
     Case("ReLU", "ReLU", inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
     Case("ReLU-inplace", "ReLU", kwargs={"inplace": True},
          inputs=lambda d: [away(torch.randn(4, 6, dtype=d))]),
@@ -135,6 +137,8 @@ CASES = [
     Case("BatchNorm2d-train", "BatchNorm2d", (3,), inputs=img()),
     Case("BatchNorm2d-eval", "BatchNorm2d", (3,), inputs=img(), train=False),
     Case("BatchNorm2d-no-affine", "BatchNorm2d", (3,), {"affine": False}, inputs=img()),
+    Case("BatchNorm2d-no-running-stats-train", "BatchNorm2d", (3,),
+         {"track_running_stats": False}, inputs=img()),
     Case("BatchNorm2d-no-running-stats-eval", "BatchNorm2d", (3,),
          {"track_running_stats": False}, inputs=img(), train=False),
     Case("Conv2d", "Conv2d", (3, 4, 3), inputs=img()),
@@ -144,6 +148,9 @@ CASES = [
          {"dilation": (2, 1), "padding": (1, 2), "bias": False}, inputs=img()),
     Case("Conv2d-same", "Conv2d", (3, 2, 4), {"padding": "same"}, inputs=img()),
     Case("Conv2d-reflect", "Conv2d", (3, 2, 3), {"padding": 1, "padding_mode": "reflect"},
+         inputs=img()),
+    Case("Conv2d-circular-stride2", "Conv2d", (3, 2, 3), {"padding": 1, "stride": 2,
+                                                         "padding_mode": "circular"},
          inputs=img()),
     Case("Conv2d-unbatched", "Conv2d", (3, 2, 3), inputs=lambda d: [torch.randn(3, 5, 5,
                                                                                dtype=d)]),
@@ -422,7 +429,8 @@ def complex_inputs(case: Case) -> list[torch.Tensor]:
 # the layers torch.nn runs on complex tensors: for them torch's gradient is dL/d(conj z),
 # so the hand-derived formulas take conjugates (of W and x in Linear/Conv2d, of the
 # local derivative in Sigmoid/Tanh, and |d|'s sign is d/|d| in L1Loss)
-COMPLEX = [c for c in CASES if c.layer in ("Sigmoid", "Tanh", "Conv2d", "L1Loss", "Flatten")]
+COMPLEX = [c for c in CASES if c.layer in ("Linear", "Sigmoid", "Tanh", "Conv2d", "L1Loss",
+                                         "Flatten")]
 # torch refuses to differentiate silu on complex tensors, but its in-place silu_ lets one
 # through, with a gradient that is not torch's own dL/d(conj z) (finite differences
 # disagree with it); for that case gradcheck is the oracle (test_complex_silu below)

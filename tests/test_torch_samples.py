@@ -57,9 +57,12 @@ FUNCTIONS = {
 
 # Inputs torch accepts and manual_grad refuses on purpose (README, "Refusals"): a pattern
 # of the refusal's message, and the reason. A sample whose refusal matches none is a bug.
+# (None of torch's samples meets one today; test_documented_refusals keeps the list real.)
 DOCUMENTED_REFUSALS = {
-    "broadcasting loss": r"would broadcast|do not match|differ",
-    "mixed dtypes": r"convert (one side|the target)",
+    "a loss whose target broadcasts to another shape": r"would broadcast|do not match|differ",
+    "a loss whose float target has another dtype": r"convert the target",
+    "Embedding(sparse=True)": r"sparse=True is not supported",
+    "LeakyReLU in place with a negative slope": r"inplace=True needs negative_slope >= 0",
 }
 
 # what a refusal raises, in torch and here (an AttributeError, say, would be a bug)
@@ -221,3 +224,30 @@ def test_torch_module_samples_give_torchs_values_gradients_and_buffers(info, dty
         for (key, x), y in zip(ours.state_dict().items(), theirs.state_dict().values(),
                                strict=True):
             torch.testing.assert_close(x, y, equal_nan=True, msg=f"{name}: {key}")
+
+
+def test_documented_refusals_are_refusals_torch_does_not_make():
+    """Each documented refusal (README, "Refusals") is met by a call torch runs (or, for
+    LeakyReLU, refuses only later, in backward) and manual_grad refuses up front."""
+    import torch.nn.functional as TF
+    x = torch.randn(4, 1, requires_grad=True)
+    calls = {
+        "a loss whose target broadcasts to another shape": (
+            lambda: TF.l1_loss(x, torch.randn(4)), lambda: MF.l1_loss(x, torch.randn(4))),
+        "a loss whose float target has another dtype": (
+            lambda: TF.mse_loss(x, torch.randn(4, 1, dtype=torch.float64)),
+            lambda: MF.mse_loss(x, torch.randn(4, 1, dtype=torch.float64))),
+        "Embedding(sparse=True)": (
+            lambda: torch.nn.Embedding(3, 2, sparse=True)(torch.tensor([1])),
+            lambda: manual_grad.Embedding(3, 2, sparse=True)(torch.tensor([1]))),
+        "LeakyReLU in place with a negative slope": (
+            lambda: TF.leaky_relu(x * 1, -0.1, inplace=True),
+            lambda: MF.leaky_relu(x * 1, -0.1, inplace=True)),
+    }
+    assert calls.keys() == DOCUMENTED_REFUSALS.keys()
+    for what, (theirs, ours) in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs()
+        with pytest.raises(REFUSALS, match=DOCUMENTED_REFUSALS[what]):
+            ours()
