@@ -5,12 +5,14 @@ where torch would crash deep inside a kernel or silently broadcast, these raise 
 error that names the layer, the shapes or dtypes involved, and the fix.
 """
 
+import math
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from manual_grad.functions import (
+    AdaptiveAvgPool2dFunction,
     AvgPool2dFunction,
     BatchNormFunction,
     BCEWithLogitsLossFunction,
@@ -20,6 +22,9 @@ from manual_grad.functions import (
     EmbeddingFunction,
     FlattenFunction,
     GELUFunction,
+    GroupNormFunction,
+    HardsigmoidFunction,
+    HardswishFunction,
     HuberLossFunction,
     L1LossFunction,
     LayerNormFunction,
@@ -28,11 +33,15 @@ from manual_grad.functions import (
     LinearReLUFunction,
     LinearReLUMSELossFunction,
     LogSoftmaxFunction,
+    MatmulFunction,
     MaxPool2dFunction,
     MLPFunction,
     MLPMSELossFunction,
     MSELossFunction,
     ReLUFunction,
+    RepeatHeadsFunction,
+    RMSNormFunction,
+    ScaledDotProductAttentionFunction,
     SigmoidFunction,
     SiLUFunction,
     SoftmaxFunction,
@@ -850,3 +859,185 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
         with torch.no_grad():
             torch.embedding_renorm_(weight, input.reshape(-1), max_norm, norm_type)
     return EmbeddingFunction.apply(input.long(), weight, padding_idx, scale_grad_by_freq)
+
+
+# ---- the layers real models still needed: attention and the rest of the zoo ----------
+
+
+def _elementwise_in_place(name: str, fn, input: Tensor, inplace: bool) -> Tensor:
+    """An element-wise Function whose backward reads its input z: in place (which
+    overwrites z) it runs on a copy of z when a gradient may be wanted, as torch's
+    autograd keeps one for its own in-place ops, and writes the result into input."""
+    _floating(name, input)
+    if not inplace:
+        return fn.apply(input)
+    if traced() or (torch.is_grad_enabled() and input.requires_grad):
+        return input.copy_(fn.apply(input.clone()))
+    return input.copy_(fn.apply(input))  # no gradient: nothing to keep
+
+
+def hardswish(input: Tensor, inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.hardswish``."""
+    return _elementwise_in_place("hardswish", HardswishFunction, input, inplace)
+
+
+def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.hardsigmoid``."""
+    return _elementwise_in_place("hardsigmoid", HardsigmoidFunction, input, inplace)
+
+
+def adaptive_avg_pool2d(input: Tensor, output_size: int | None | tuple[int | None, ...]
+                        ) -> Tensor:
+    """As ``torch.nn.functional.adaptive_avg_pool2d``: input (N, C, H, W) or (C, H, W);
+    an output size of None keeps that dimension."""
+    if input.dim() not in (3, 4):
+        raise ValueError(f"adaptive_avg_pool2d: expected input (N, C, H, W) or (C, H, W), "
+                         f"got {tuple(input.shape)}")
+    pair = _pair("adaptive_avg_pool2d", "output_size",
+                 output_size if output_size is not None else (None, None))  # type: ignore
+    size = tuple(input.shape[-2 + i] if o is None else o for i, o in enumerate(pair))
+    return AdaptiveAvgPool2dFunction.apply(input, size)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """As ``torch.nn.functional.group_norm``: input (N, C, *), C divisible by num_groups."""
+    if input.dim() < 2 or input.shape[1] % num_groups:
+        raise ValueError(f"group_norm: expected input (N, C, *) with C divisible by "
+                         f"num_groups={num_groups}, got {tuple(input.shape)}")
+    if input.shape[1] == 0 or math.prod(input.shape[2:]) == 0:
+        raise ValueError(f"group_norm: expected channels and positions (N, C, *), none "
+                         f"empty, got {tuple(input.shape)}, as torch")
+    if _half_in_float32("group_norm", input, weight=weight, bias=bias):
+        return GroupNormFunction.apply(input.float(), num_groups, _float32(weight),
+                                       _float32(bias), eps).to(input.dtype)
+    return GroupNormFunction.apply(input, num_groups, weight, bias, eps)
+
+
+def rms_norm(input: Tensor, normalized_shape: list[int] | tuple[int, ...],
+             weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    """As ``torch.nn.functional.rms_norm``; eps None is the input dtype's machine
+    epsilon, as torch's."""
+    shape = tuple(normalized_shape)
+    if not shape:
+        raise ValueError("rms_norm: normalized_shape must have at least one dim, as in torch")
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(f"rms_norm: expected input of shape (*, {', '.join(map(str, shape))})"
+                         f" (normalized_shape), got {tuple(input.shape)}")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if _half_in_float32("rms_norm", input, weight=weight):
+        return RMSNormFunction.apply(input.float(), len(shape), _float32(weight),
+                                     eps).to(input.dtype)
+    return RMSNormFunction.apply(input, len(shape), weight, eps)
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
+           stride: int | tuple[int] = 1, padding: str | int | tuple[int] = 0,
+           dilation: int | tuple[int] = 1, groups: int = 1) -> Tensor:
+    """As ``torch.nn.functional.conv1d``: input (N, C, L) or (C, L). A 1-d convolution is
+    a 2-d one over images of height 1, so it runs Conv2dFunction's hand-derived backward
+    on the input and weight seen with a height of 1 (views)."""
+    if input.dim() not in (2, 3) or weight.dim() != 3:
+        raise ValueError(f"conv1d: expected input (N, C, L) or (C, L) and weight (O, C/groups,"
+                         f" K), got {tuple(input.shape)} and {tuple(weight.shape)}")
+    pad = padding if isinstance(padding, str) else (0, _single("conv1d", "padding", padding))
+    return conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias,
+                  (1, _single("conv1d", "stride", stride)), pad,
+                  (1, _single("conv1d", "dilation", dilation)), groups).squeeze(-2)
+
+
+def _single(name: str, what: str, v: int | tuple[int, ...]) -> int:
+    """An int, or a sequence of one int, as torch's 1-d kernels take it."""
+    one = (v,) if isinstance(v, int) else tuple(v)
+    if len(one) != 1:
+        raise ValueError(f"{name}: {what} must be an int or a sequence of one int, got {v!r}")
+    return one[0]
+
+
+def matmul(input: Tensor, other: Tensor) -> Tensor:
+    """input @ other for tensors of 2 or more dims (batch dims broadcast), with the
+    backward of MatmulFunction."""
+    if input.dim() < 2 or other.dim() < 2:
+        raise ValueError(f"matmul: expected tensors of 2 or more dims, got shapes "
+                         f"{tuple(input.shape)} and {tuple(other.shape)}; unsqueeze a vector")
+    return MatmulFunction.apply(input, other)
+
+
+# the most scores one chunk of attention holds at a time (batch x rows x keys): 16 MiB of
+# float32. Fewer rows than that take one chunk, the usual case for short sequences.
+ATTENTION_CHUNK_ELEMENTS = 2**22
+
+
+def attention_rows(batch: int, L: int, S: int) -> int:
+    """How many query rows one chunk of attention takes: all L when their scores fit in
+    ATTENTION_CHUNK_ELEMENTS, else as many as fit (at least one)."""
+    return max(1, min(max(L, 1), ATTENTION_CHUNK_ELEMENTS // max(batch * S, 1)))
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """As ``torch.nn.functional.scaled_dot_product_attention``: softmax(q k^T scale +
+    mask) v, with the backward of ScaledDotProductAttentionFunction, computed in chunks
+    of query rows when the scores would be large (without dropout, memory then grows
+    linearly in the sequence length; dropout keeps a boolean mask of every score).
+
+    query (*, L, E), key (*, S, E), value (*, S, Ev); attn_mask bool (True: may attend)
+    or float (added), broadcast to (*, L, S); is_causal masks keys after each query;
+    scale defaults to 1 / sqrt(E); enable_gqa lets key and value have fewer heads (dim
+    -3) than query, each shared by a group of query heads.
+    """
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise ValueError("scaled_dot_product_attention: query, key and value need at least "
+                         f"2 dims, got {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}")
+    if key.shape[-1] != query.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"scaled_dot_product_attention: query (*, L, E) and key (*, S, E) "
+                         f"must share E, and key and value S; got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: give attn_mask or is_causal=True, not "
+                         "both (as torch); fold the causal mask into attn_mask")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got "
+                         f"{dropout_p}")
+    cast = _autocast_dtype(query)
+    if cast is not None:
+        query, key, value = (_autocast(t, cast) for t in (query, key, value))
+    if len({query.dtype, key.dtype, value.dtype}) > 1:
+        raise TypeError(f"scaled_dot_product_attention: query, key and value must share a "
+                        f"dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        heads, kv_heads = query.shape[-3], key.shape[-3]
+        if heads % kv_heads or value.shape[-3] != kv_heads:
+            raise ValueError(f"scaled_dot_product_attention: with enable_gqa, query's "
+                             f"{heads} heads must be a multiple of key's and value's, got "
+                             f"{kv_heads} and {value.shape[-3]}")
+        key = RepeatHeadsFunction.apply(key, heads // kv_heads)
+        value = RepeatHeadsFunction.apply(value, heads // kv_heads)
+    L, S = query.shape[-2], key.shape[-2]
+    bias = None
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        bias = torch.zeros(L, S, dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, float("-inf"))
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device
+                           ).masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        bias = attn_mask.to(query.dtype) if cast is not None else attn_mask
+    batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2],
+                                         () if bias is None else bias.shape[:-2])
+    keep, keep_scale = None, 1.0
+    if dropout_p > 0.0:
+        # drawn here, outside the Function, so that torch.func.vmap follows its
+        # randomness setting; one byte a score
+        keep = torch.rand(*batch_shape, L, S, device=query.device) >= dropout_p
+        keep_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
+    if scale is None:
+        scale = 1.0 / float(query.shape[-1]) ** 0.5
+    rows = attention_rows(math.prod(batch_shape), L, S)
+    return ScaledDotProductAttentionFunction.apply(query, key, value, bias, keep, scale,
+                                                   keep_scale, rows)

@@ -279,3 +279,164 @@ class FusedMLP(nn.Sequential):
         modules = self._modules
         return F.mlp_mse_loss(input, *weight_and_bias(modules["0"]),
                               *weight_and_bias(modules["2"]), target, reduction, rows)
+
+
+class Hardswish(nn.Hardswish):
+    """``torch.nn.Hardswish`` with the hand-derived backward of ``HardswishFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardswish(input, self.inplace)
+
+
+class Hardsigmoid(nn.Hardsigmoid):
+    """``torch.nn.Hardsigmoid`` with the hand-derived backward of ``HardsigmoidFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardsigmoid(input, self.inplace)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``torch.nn.AdaptiveAvgPool2d`` with the backward of ``AdaptiveAvgPool2dFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(input, self.output_size)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``torch.nn.GroupNorm`` with the hand-derived backward of ``GroupNormFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with the hand-derived backward of ``RMSNormFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class Conv1d(nn.Conv1d):
+    """``torch.nn.Conv1d``: Conv2dFunction's backward on images of height 1. A padding_mode
+    other than 'zeros' pads with torch's own F.pad first, as torch.nn.Conv1d does."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            padded = nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                       mode=self.padding_mode)
+            return F.conv1d(padded, self.weight, self.bias, self.stride, 0, self.dilation,
+                            self.groups)
+        return F.conv1d(input, self.weight, self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A MultiheadAttention mask as an additive float one: a bool mask's True (may not
+    attend) becomes -inf, as torch's; a float mask is already additive."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        mask, float("-inf"))
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` with hand-derived backward passes: the input and
+    output projections are ``LinearFunction``s (so ``in_proj_weight`` and ``out_proj``
+    get Linear's gradients), the attention is ``ScaledDotProductAttentionFunction``, or,
+    when the weights are returned (``need_weights=True``, torch's default), the
+    product, softmax, dropout and product each with its own Function.
+
+    Every option of torch's: batch_first, attn_mask (bool or float, (L, S) or
+    (N heads, L, S)), key_padding_mask, need_weights and average_attn_weights,
+    is_causal, dropout, bias, add_bias_kv, add_zero_attn, kdim and vdim. The rest is
+    moving data between the shapes, in torch's ops: views, transposes and the
+    concatenations that append bias_k or zeros to the keys.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        batched = query.dim() == 3
+        if self.batch_first and batched:  # the math below is torch's, sequence first
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        L, N, E = query.shape
+        H, hd = self.num_heads, self.head_dim
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask as well "
+                               "(torch's rule: it is a hint); give the causal mask")
+        causal = is_causal and key_padding_mask is None and not need_weights
+        attn_mask = None if causal else _float_mask(attn_mask, query.dtype)
+        key_padding_mask = _float_mask(key_padding_mask, query.dtype)
+        q, k, v = self._in_projection(query, key, value)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, N, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, N, 1)])
+            attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else nn.functional.pad(
+                key_padding_mask, (0, 1))
+        # (L, N, E) -> (N H, L, hd): one row of heads per sample
+        q = q.reshape(L, N * H, hd).transpose(0, 1)
+        k = k.reshape(k.shape[0], N * H, hd).transpose(0, 1)
+        v = v.reshape(v.shape[0], N * H, hd).transpose(0, 1)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N * H, 1, hd)], dim=1)
+            v = torch.cat([v, v.new_zeros(N * H, 1, hd)], dim=1)
+            attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else nn.functional.pad(
+                key_padding_mask, (0, 1))
+        S = k.shape[1]
+        if key_padding_mask is not None:  # (N, S) -> (N H, 1, S), added to the mask
+            kpm = key_padding_mask.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+            attn_mask = kpm if attn_mask is None else attn_mask + kpm
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = F.matmul(q * (1.0 / float(hd)) ** 0.5, k.transpose(1, 2))
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            weights = F.dropout(F.softmax(scores, -1), p)
+            out = F.matmul(weights, v)  # (N H, L, hd)
+        else:
+            heads = (N, H)
+            mask = None if attn_mask is None else attn_mask.view(
+                attn_mask.shape[0] // H if attn_mask.shape[0] > 1 else 1,
+                H if attn_mask.shape[0] > 1 else 1, L, S)
+            out = F.scaled_dot_product_attention(
+                q.view(*heads, L, hd), k.view(*heads, S, hd), v.view(*heads, S, hd), mask, p,
+                causal).view(N * H, L, hd)
+            weights = None
+        out = out.transpose(0, 1).reshape(L * N, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(L, N, -1)
+        if weights is not None:
+            weights = weights.view(N, H, L, S)
+            if average_attn_weights:
+                weights = weights.mean(1)
+            if not batched:
+                weights = weights.squeeze(0)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _in_projection(self, query: Tensor, key: Tensor,
+                       value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v = the three input projections (LinearFunction). For self-attention one
+        product with the packed in_proj_weight serves all three."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                    F.linear(value, self.v_proj_weight, bv))
+        if query is key and key is value:
+            qkv = F.linear(query, self.in_proj_weight, b)
+            return qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)

@@ -2,6 +2,8 @@
 
 from manual_grad.functions.activations import (
     GELUFunction,
+    HardsigmoidFunction,
+    HardswishFunction,
     LeakyReLUFunction,
     LogSoftmaxFunction,
     ReLUFunction,
@@ -9,6 +11,11 @@ from manual_grad.functions.activations import (
     SiLUFunction,
     SoftmaxFunction,
     TanhFunction,
+)
+from manual_grad.functions.attention import (
+    MatmulFunction,
+    RepeatHeadsFunction,
+    ScaledDotProductAttentionFunction,
 )
 from manual_grad.functions.conv import Conv2dFunction
 from manual_grad.functions.fused import LinearReLUFunction, MLPFunction
@@ -20,13 +27,23 @@ from manual_grad.functions.losses import (
     L1LossFunction,
     MSELossFunction,
 )
-from manual_grad.functions.normalization import BatchNormFunction, LayerNormFunction
-from manual_grad.functions.pooling import AvgPool2dFunction, MaxPool2dFunction
+from manual_grad.functions.normalization import (
+    BatchNormFunction,
+    GroupNormFunction,
+    LayerNormFunction,
+    RMSNormFunction,
+)
+from manual_grad.functions.pooling import (
+    AdaptiveAvgPool2dFunction,
+    AvgPool2dFunction,
+    MaxPool2dFunction,
+)
 from manual_grad.functions.regularization import DropoutFunction
 from manual_grad.functions.shape import EmbeddingFunction, FlattenFunction
 from manual_grad.functions.single_pass import LinearReLUMSELossFunction, MLPMSELossFunction
 
 __all__ = [
+    "AdaptiveAvgPool2dFunction",
     "AvgPool2dFunction",
     "BCEWithLogitsLossFunction",
     "BatchNormFunction",
@@ -36,6 +53,9 @@ __all__ = [
     "EmbeddingFunction",
     "FlattenFunction",
     "GELUFunction",
+    "GroupNormFunction",
+    "HardsigmoidFunction",
+    "HardswishFunction",
     "HuberLossFunction",
     "L1LossFunction",
     "LayerNormFunction",
@@ -45,10 +65,14 @@ __all__ = [
     "LinearReLUMSELossFunction",
     "LogSoftmaxFunction",
     "MSELossFunction",
+    "MatmulFunction",
     "MaxPool2dFunction",
     "MLPFunction",
     "MLPMSELossFunction",
+    "RMSNormFunction",
     "ReLUFunction",
+    "RepeatHeadsFunction",
+    "ScaledDotProductAttentionFunction",
     "SiLUFunction",
     "SigmoidFunction",
     "SoftmaxFunction",

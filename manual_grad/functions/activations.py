@@ -289,3 +289,58 @@ class LogSoftmaxFunction(Function):
             return None, None
         (u,) = ctx.saved_tensors
         return g - torch.exp(u) * g.sum(ctx.dim, keepdim=True), None
+
+
+@fast_apply
+class HardswishFunction(Function):
+    r"""u = z relu6(z + 3) / 6, element-wise: 0 for z <= -3, z for z >= 3, and
+    z (z + 3) / 6 between, so
+
+        du/dz = 0 for z < -3,   (2 z + 3) / 6 = z / 3 + 1/2 for -3 <= z <= 3,   1 for z > 3
+
+    (at the kinks, the values torch's kernel takes: -1/2 at z = -3, 3/2 at z = 3).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        return torch.nn.functional.hardswish(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor | None:
+        if not ctx.needs_input_grad[0]:
+            return None
+        (z,) = ctx.saved_tensors
+        inner = g * (z / 3 + 0.5)  # -3 <= z <= 3
+        return torch.where(z < -3, 0.0, torch.where(z <= 3, inner, g))
+
+
+@fast_apply
+class HardsigmoidFunction(Function):
+    r"""u = relu6(z + 3) / 6, element-wise: 0 for z <= -3, 1 for z >= 3, (z + 3) / 6
+    between, so
+
+        du/dz = 1/6 for -3 < z < 3, and 0 outside (0 at the kinks, as torch's kernel)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        return torch.nn.functional.hardsigmoid(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor | None:
+        if not ctx.needs_input_grad[0]:
+            return None
+        (z,) = ctx.saved_tensors
+        return torch.where((z > -3) & (z < 3), g / 6, 0.0)

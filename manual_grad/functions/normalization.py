@@ -158,3 +158,99 @@ class BatchNormFunction(Function):
         grad_w = (rstd * gc_sum).view(-1) if ctx.needs_input_grad[1] else None
         grad_b = g_sum.view(-1) if ctx.needs_input_grad[2] else None  # False without bias
         return grad_x, grad_w, grad_b, None, None, None
+
+
+@fast_apply
+class GroupNormFunction(Function):
+    r"""y = (x - mean) / sqrt(var + eps) * w_c + b_c, statistics per sample and group.
+
+    x (N, C, *) is cut into G groups of C/G channels; each (sample, group) is one row of
+    m = C/G * prod(*) values normalised together, exactly as a LayerNorm row, but the
+    scale w and shift b are per channel. Per row, with xhat = centred rstd and
+    dxhat = g w (w broadcast over each channel's positions):
+        dL/dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))     means over a row
+        dL/dw_c = sum over samples and positions of g xhat;    dL/db_c = sum of g
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, groups: int, w: Tensor | None, b: Tensor | None,
+                eps: float) -> Tensor:
+        N, C = x.shape[:2]
+        m = math.prod(x.shape[1:]) // groups  # (not -1: an empty batch has no size to infer)
+        centred, rstd = _row_stats(x.reshape(N * groups, m), eps)
+        xhat = centred.mul_(rstd).view(x.shape)
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        return _scale_shift(xhat, None if w is None else w.view(shape),
+                            None if b is None else b.view(shape))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, ctx.groups, w, _, ctx.eps = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
+        N, C = x.shape[:2]
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        rows, m = N * ctx.groups, math.prod(x.shape[1:]) // ctx.groups
+        centred, rstd = _row_stats(x.reshape(rows, m), ctx.eps)
+        xhat = (centred * rstd).view(x.shape)
+        dims = (0, *range(2, x.dim()))
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            dxhat = (g * w.view(shape) if w is not None else g).reshape(rows, m)
+            xhat_rows = xhat.reshape(rows, m)
+            mean_dxhat = dxhat.mean(1, keepdim=True)
+            mean_dxhat_xhat = (dxhat * xhat_rows).mean(1, keepdim=True)
+            grad_x = (rstd * (dxhat - mean_dxhat - xhat_rows * mean_dxhat_xhat)).view(x.shape)
+        if need_w:
+            grad_w = (g * xhat).sum(dims)
+        if need_b:
+            grad_b = g.sum(dims)
+        return grad_x, None, grad_w, grad_b, None
+
+
+@fast_apply
+class RMSNormFunction(Function):
+    r"""y = x r w over the last k dims (normalized_shape), r = 1 / sqrt(mean(x^2) + eps).
+
+    Per row of the m values normalised together, with a = g w:
+        dr/dx_j = -r^3 x_j / m,   so
+        dL/dx = r a - r^3 x mean(a x)                                   means over a row
+        dL/dw = sum over rows of g x r
+    No mean is subtracted: RMSNorm is LayerNorm without centring (and without a bias).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, k: int, w: Tensor | None, eps: float) -> Tensor:
+        m = math.prod(x.shape[x.dim() - k:])
+        rows = x.reshape(-1, m)
+        r = torch.rsqrt(rows.square().mean(1, keepdim=True) + eps)
+        y = (rows * r).view(x.shape)
+        return y * w if w is not None else y
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, ctx.k, w, ctx.eps = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        need_x, _, need_w, _ = ctx.needs_input_grad
+        m = math.prod(x.shape[x.dim() - ctx.k:])
+        rows, g_rows = x.reshape(-1, m), g.reshape(-1, m)
+        r = torch.rsqrt(rows.square().mean(1, keepdim=True) + ctx.eps)
+        grad_x = grad_w = None
+        if need_x:
+            a = g_rows * w.reshape(m) if w is not None else g_rows
+            grad_x = (r * a - r.pow(3) * rows * (a * rows).mean(1, keepdim=True)).view(x.shape)
+        if need_w:
+            grad_w = (g_rows * rows * r).sum(0).view(w.shape)
+        return grad_x, None, grad_w, None

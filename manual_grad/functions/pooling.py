@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
@@ -107,3 +108,48 @@ class AvgPool2dFunction(Function):
         if eh or ew:
             grad_x = grad_x[..., :H, :W]
         return grad_x.reshape(ctx.x_shape), None, None, None, None, None, None
+
+
+def adaptive_windows(size: int, out: int, like: Tensor) -> Tensor:
+    """The (out, size) averaging matrix of adaptive pooling along one axis: row i holds
+    1 / n_i over window i = [floor(i size / out), ceil((i + 1) size / out)), n_i its
+    length, as torch's kernel cuts the windows."""
+    i = torch.arange(out, device=like.device)
+    start = torch.div(i * size, out, rounding_mode="floor")
+    end = torch.div((i + 1) * size + out - 1, out, rounding_mode="floor")
+    j = torch.arange(size, device=like.device)
+    inside = (j >= start.unsqueeze(1)) & (j < end.unsqueeze(1))
+    return inside.to(like.dtype) / (end - start).unsqueeze(1).to(like.dtype)
+
+
+@fast_apply
+class AdaptiveAvgPool2dFunction(Function):
+    r"""y = the mean of each of oh x ow windows that tile x (N, C, H, W) as evenly as
+    integers allow. Window (i, j) spans rows [floor(i H / oh), ceil((i+1) H / oh)) and the
+    like for columns, so averaging is separable: with P_H (oh, H) holding 1/n_i over
+    window i's rows, and P_W (ow, W) likewise,
+
+        y = P_H x P_W^T                   (per sample and channel)
+        dL/dx = P_H^T g P_W               (each pixel gets g / n from every window it is in)
+
+    Global pooling (oh = ow = 1) is the case dL/dx = g / (H W) everywhere.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, output_size: tuple[int, int]) -> Tensor:
+        return F.adaptive_avg_pool2d(x, output_size)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.x_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        H, W = ctx.x_shape[-2:]
+        oh, ow = g.shape[-2:]
+        P_H, P_W = adaptive_windows(H, oh, g), adaptive_windows(W, ow, g)
+        return P_H.t() @ g @ P_W, None  # (H, oh) (.., oh, ow) (ow, W)
