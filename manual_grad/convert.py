@@ -35,6 +35,10 @@ UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
     if m.inplace and m.negative_slope < 0 else None,
 }
 
+# torch.nn layers that read their children's parameters rather than calling them, and
+# their manual_grad counterparts
+CALLS_CHILDREN = (nn.MultiheadAttention,)
+
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, parametrize.ParametrizationList)
 
 
@@ -72,7 +76,10 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in skip):
             continue
-        if parametrize.is_parametrized(module) or isinstance(module, tuple(FUSABLE.values())):
+        # a layer whose forward uses its children's parameters itself (a fused block,
+        # MultiheadAttention's out_proj): the children are part of it, not layers
+        owns_children = isinstance(module, (*FUSABLE.values(), *CALLS_CHILDREN))
+        if parametrize.is_parametrized(module) or owns_children:
             skip.append(f"{name}." if name else "")
             layers[name] = module
             continue
@@ -98,53 +105,63 @@ class Conversion(NamedTuple):
 
     @property
     def native(self) -> dict[str, str]:
-        """Every parameter whose gradient stays torch's: its qualified name -> the layer
-        that owns it (parameters held directly by a non-leaf module, such as
-        MultiheadAttention's in_proj_weight or a ViT's class_token, included)."""
+        """Every parameter of a layer whose gradient stays torch's: its qualified name ->
+        the layer that owns it (a parameter held directly by a torch.nn module with
+        children, such as MultiheadAttention's in_proj_weight, included)."""
         out = {}
         for name, layer in _layers(self.model).items():
             if _is_manual(layer):
                 continue
-            for pname, p in layer.named_parameters(recurse=not any(True for _ in
-                                                                   layer.children())):
+            for pname, p in layer.named_parameters():
                 if p.requires_grad:
-                    full = f"{name}.{pname}" if name else pname
-                    out[full] = f"{type(layer).__name__} at {name or '<root>'}"
-        # parameters of non-layer modules (e.g. a ViT's class_token on its root)
-        covered = {id(p) for layer in _layers(self.model).values()
-                   for p in layer.parameters()}
+                    out[f"{name}.{pname}" if name else pname] = \
+                        f"{type(layer).__name__} at {name or '<root>'}"
+        return out
+
+    @property
+    def outside(self) -> dict[str, str]:
+        """Parameters that belong to no layer, used by the model's own code (a ViT's
+        class_token and pos_embedding, ConvNeXt's layer_scale): qualified name -> the
+        module holding it. Their gradients are torch's, of whatever ops that code runs
+        (a concatenation, an addition): no layer to derive."""
+        covered = {id(p) for layer in _layers(self.model).values() for p in layer.parameters()}
+        out = {}
         for pname, p in self.model.named_parameters():
             if id(p) not in covered and p.requires_grad:
                 owner = pname.rpartition(".")[0]
-                module = self.model.get_submodule(owner)
-                out[pname] = f"{type(module).__name__} at {owner or '<root>'}"
+                out[pname] = f"{type(self.model.get_submodule(owner)).__name__} at " \
+                             f"{owner or '<root>'}"
         return out
 
     def coverage(self) -> tuple[float, float]:
-        """(share of trainable parameter elements, share of layers) with hand-derived
-        gradients."""
-        native = set(self.native)
-        params = [(n, p.numel()) for n, p in self.model.named_parameters() if p.requires_grad]
-        total = sum(n for _, n in params)
-        ours = sum(n for name, n in params if name not in native)
+        """(share of the layers' trainable parameter elements, share of layers) with
+        hand-derived gradients."""
         layers = _layers(self.model)
+        sizes = [(_is_manual(m), p.numel()) for m in layers.values() for p in m.parameters()
+                 if p.requires_grad]
+        total = sum(n for _, n in sizes)
+        ours = sum(n for manual, n in sizes if manual)
         manual = sum(1 for m in layers.values() if _is_manual(m))
         return (ours / total if total else 1.0), (manual / len(layers) if layers else 1.0)
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} layers with manual_grad ones"]
         lines += [f"  kept {name or '<root>'}: {why}" for name, why in self.kept.items()]
-        native = self.native
+        native, outside = self.native, self.outside
         if native:
-            lines.append(f"  {len(native)} parameters keep torch's gradients:")
+            lines.append(f"  {len(native)} parameters of kept layers keep torch's gradients:")
             lines += [f"    {name} ({owner})" for name, owner in native.items()]
-        params = [p.numel() for p in self.model.parameters() if p.requires_grad]
+        if outside:
+            lines.append(f"  {len(outside)} parameters belong to no layer; the model's own "
+                         "ops (torch's) give their gradients:")
+            lines += [f"    {name} ({owner})" for name, owner in outside.items()]
         layers = _layers(self.model)
+        sizes = [(_is_manual(m), p.numel()) for m in layers.values() for p in m.parameters()
+                 if p.requires_grad]
         share_p, share_l = self.coverage()
-        n_native = sum(p.numel() for n, p in self.model.named_parameters() if n in native)
         lines.append(
-            f"hand-derived gradients: {100 * share_p:.1f}% of parameters "
-            f"({sum(params) - n_native:,} of {sum(params):,}), "
+            f"hand-derived gradients: {100 * share_p:.1f}% of layer parameters "
+            f"({sum(n for manual, n in sizes if manual):,} of {sum(n for _, n in sizes):,}), "
             f"{round(share_l * len(layers))} of {len(layers)} layers ({100 * share_l:.1f}%)")
         return "\n".join(lines)
 

@@ -190,28 +190,29 @@ def test_convert_leaves_user_subclasses_alone():
 
 
 def test_convert_report_lists_every_parameter_left_on_torchs_gradients():
-    """A ViT's attention keeps torch's layer for now: its report names the attention, its
-    in_proj_weight (held by the non-leaf MultiheadAttention itself), and the parameters
-    held by no layer at all (class_token, pos_embedding), then the coverage line."""
-    from torchvision.models.vision_transformer import VisionTransformer
+    """A model with a layer manual_grad has no counterpart for (PReLU), a subclass it
+    leaves alone, and a parameter held by no layer (a ViT's class_token, say): the report
+    names each, with its owner, then the coverage line."""
 
-    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
-                            hidden_dim=16, mlp_dim=32, num_classes=3)
-    report = manual_grad.convert(vit)
-    attention = "encoder.layers.encoder_layer_0.self_attention"
-    assert report.kept[attention] == "MultiheadAttention (no manual_grad counterpart)"
-    assert set(report.native) == {
-        "class_token", "encoder.pos_embedding", f"{attention}.in_proj_weight",
-        f"{attention}.in_proj_bias", f"{attention}.out_proj.weight",
-        f"{attention}.out_proj.bias"}
-    assert report.native["class_token"] == "VisionTransformer at <root>"
-    n_native = sum(vit.get_parameter(n).numel() for n in report.native)
-    total = sum(p.numel() for p in vit.parameters())
-    share_params, share_layers = report.coverage()
-    assert share_params == pytest.approx(1 - n_native / total)
-    assert str(report).splitlines()[-1] == (
-        f"hand-derived gradients: {100 * share_params:.1f}% of parameters "
-        f"({total - n_native:,} of {total:,}), 12 of 14 layers (85.7%)")
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.zeros(1, 4))
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.PReLU())
+
+        def forward(self, x):
+            return self.body(torch.cat([self.token.expand(len(x), 4), x]))
+
+    report = manual_grad.convert(Model())
+    assert report.kept == {"body.1": "PReLU (no manual_grad counterpart)"}
+    assert report.native == {"body.1.weight": "PReLU at body.1"}
+    assert report.outside == {"token": "Model at <root>"}
+    assert report.coverage() == (20 / 21, 1 / 2)
+    text = str(report)
+    assert "    body.1.weight (PReLU at body.1)" in text
+    assert "    token (Model at <root>)" in text
+    assert text.splitlines()[-1] == ("hand-derived gradients: 95.2% of layer parameters "
+                                     "(20 of 21), 1 of 2 layers (50.0%)")
 
 
 def test_convert_replaces_a_parametrized_layer_and_names_a_subclass():
@@ -227,7 +228,7 @@ def test_convert_replaces_a_parametrized_layer_and_names_a_subclass():
     assert report.replaced == {"0": "Linear (parametrized weight)"}
     assert report.kept == {"1": "MyLayerNorm, a subclass of torch.nn.LayerNorm: its forward "
                                 "may differ, so it is not converted"}
-    assert set(report.native) == {"1.weight", "1.bias"}
+    assert set(report.native) == {"1.weight", "1.bias"} and report.outside == {}
     converted = report.model
     assert isinstance(converted[0], manual_grad.Linear)
     x = torch.randn(5, 3)

@@ -172,6 +172,29 @@ CASES = [
          inputs=img()),
     Case("AvgPool2d-ceil-divisor", "AvgPool2d", ((2, 3),), {"stride": (3, 2), "ceil_mode": True,
                                                             "divisor_override": 4}, inputs=img()),
+    Case("Hardswish", "Hardswish", inputs=lambda d: [away(torch.randn(4, 6, dtype=d) * 4)]),
+    Case("Hardswish-inplace", "Hardswish", kwargs={"inplace": True},
+         inputs=lambda d: [away(torch.randn(4, 6, dtype=d) * 4)]),
+    Case("Hardsigmoid", "Hardsigmoid", inputs=lambda d: [away(torch.randn(4, 6, dtype=d) * 4)]),
+    Case("Hardsigmoid-inplace", "Hardsigmoid", kwargs={"inplace": True},
+         inputs=lambda d: [away(torch.randn(4, 6, dtype=d) * 4)]),
+    Case("AdaptiveAvgPool2d-1", "AdaptiveAvgPool2d", (1,), inputs=img()),
+    Case("AdaptiveAvgPool2d-3x4", "AdaptiveAvgPool2d", ((3, 4),), inputs=img()),
+    Case("AdaptiveAvgPool2d-None-2", "AdaptiveAvgPool2d", ((None, 2),), inputs=img()),
+    Case("GroupNorm", "GroupNorm", (2, 4), inputs=lambda d: [torch.randn(3, 4, 5, dtype=d)]),
+    Case("GroupNorm-img-no-affine", "GroupNorm", (3, 6), {"affine": False, "eps": 1e-3},
+         inputs=lambda d: [torch.randn(2, 6, 3, 4, dtype=d)]),
+    Case("RMSNorm", "RMSNorm", (6,)),
+    Case("RMSNorm-2d-eps-no-affine", "RMSNorm", ((3, 4),),
+         {"eps": 1e-3, "elementwise_affine": False},
+         inputs=lambda d: [torch.randn(2, 3, 4, dtype=d)]),
+    Case("Conv1d", "Conv1d", (3, 4, 3), inputs=lambda d: [torch.randn(2, 3, 9, dtype=d)]),
+    Case("Conv1d-stride2-pad1-dilation2-groups3", "Conv1d", (3, 6, 3),
+         {"stride": 2, "padding": 1, "dilation": 2, "groups": 3},
+         inputs=lambda d: [torch.randn(2, 3, 11, dtype=d)]),
+    Case("Conv1d-same-reflect-no-bias", "Conv1d", (3, 2, 4),
+         {"padding": "same", "padding_mode": "reflect", "bias": False},
+         inputs=lambda d: [torch.randn(2, 3, 9, dtype=d)]),
     Case("Flatten", "Flatten", inputs=img()),
     Case("Flatten-1-2", "Flatten", (1, 2), inputs=img()),
     Case("Embedding", "Embedding", (7, 4), inputs=lambda d: [torch.tensor([[1, 2, 1], [6, 0, 2]])],
@@ -429,8 +452,9 @@ def complex_inputs(case: Case) -> list[torch.Tensor]:
 # the layers torch.nn runs on complex tensors: for them torch's gradient is dL/d(conj z),
 # so the hand-derived formulas take conjugates (of W and x in Linear/Conv2d, of the
 # local derivative in Sigmoid/Tanh, and |d|'s sign is d/|d| in L1Loss)
-COMPLEX = [c for c in CASES if c.layer in ("Linear", "Sigmoid", "Tanh", "Conv2d", "L1Loss",
-                                         "Flatten")]
+COMPLEX = [c for c in CASES if c.layer in ("Linear", "Sigmoid", "Tanh", "Conv1d", "Conv2d",
+                                         "L1Loss", "Flatten", "RMSNorm")
+           or c.id == "AdaptiveAvgPool2d-1"]  # (torch's kernel: only a global mean)
 # torch refuses to differentiate silu on complex tensors, but its in-place silu_ lets one
 # through, with a gradient that is not torch's own dL/d(conj z) (finite differences
 # disagree with it); for that case gradcheck is the oracle (test_complex_silu below)

@@ -72,8 +72,10 @@ class RepeatHeadsFunction(Function):
 def safe_softmax(s: Tensor) -> Tensor:
     """softmax along the last dim, with 0 (not 0/0 = NaN) for a row every entry of which
     is masked out (-inf), as torch's attention does."""
-    p = torch.softmax(s, -1)
     empty = (s == float("-inf")).all(-1, keepdim=True)
+    # such a row is softmaxed as zeros instead (then dropped), so that no NaN arises
+    # that a double backward would carry through the discarded branch
+    p = torch.softmax(torch.where(empty, 0.0, s), -1)
     return torch.where(empty, 0.0, p)
 
 

@@ -247,9 +247,12 @@ class RMSNormFunction(Function):
         m = math.prod(x.shape[x.dim() - ctx.k:])
         rows, g_rows = x.reshape(-1, m), g.reshape(-1, m)
         r = torch.rsqrt(rows.square().mean(1, keepdim=True) + ctx.eps)
+        # (complex x, as torch takes it: the Jacobian enters conjugated, conj(x r) and
+        # conj(w); conj is a no-op view for real tensors)
+        rows, r = rows.conj(), r.conj()
         grad_x = grad_w = None
         if need_x:
-            a = g_rows * w.reshape(m) if w is not None else g_rows
+            a = g_rows * w.reshape(m).conj() if w is not None else g_rows
             grad_x = (r * a - r.pow(3) * rows * (a * rows).mean(1, keepdim=True)).view(x.shape)
         if need_w:
             grad_w = (g_rows * rows * r).sum(0).view(w.shape)
