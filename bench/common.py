@@ -89,14 +89,17 @@ def machine(device: torch.device) -> str:
 
 
 def table(title: str, header: list[str], rows: list[list[str]], device: torch.device,
-          name: str) -> str:
+          name: str | None) -> str:
+    """Print a markdown table with its machine; with a name, also write it to
+    bench/results/NAME-DEVICE.md (None: print only, the checkout stays as it was)."""
     lines = [f"### {title}", "", f"Machine: {machine(device)}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}-{device.type}.md").write_text(text)
+    if name is not None:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}-{device.type}.md").write_text(text)
     return text
 
 

@@ -964,9 +964,10 @@ def matmul(input: Tensor, other: Tensor) -> Tensor:
     return MatmulFunction.apply(input, other)
 
 
-# the most scores one chunk of attention holds at a time (batch x rows x keys): 16 MiB of
-# float32. Fewer rows than that take one chunk, the usual case for short sequences.
-ATTENTION_CHUNK_ELEMENTS = 2**22
+# the most scores one chunk of attention holds at a time (batch x rows x keys): 4 MiB of
+# float32. Attention that fits is one chunk whose weights backward keeps (as torch's math
+# does); larger attention is chunked and recomputed, its memory linear in the length.
+ATTENTION_CHUNK_ELEMENTS = 2**20
 
 
 def attention_rows(batch: int, L: int, S: int) -> int:
@@ -1019,11 +1020,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         value = RepeatHeadsFunction.apply(value, heads // kv_heads)
     L, S = query.shape[-2], key.shape[-2]
     bias = None
-    if is_causal:
-        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        bias = torch.zeros(L, S, dtype=query.dtype, device=query.device).masked_fill(
-            ~allowed, float("-inf"))
-    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device
                            ).masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
@@ -1040,4 +1037,4 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         scale = 1.0 / float(query.shape[-1]) ** 0.5
     rows = attention_rows(math.prod(batch_shape), L, S)
     return ScaledDotProductAttentionFunction.apply(query, key, value, bias, keep, scale,
-                                                   keep_scale, rows)
+                                                   keep_scale, is_causal, rows)[0]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, plain_backward, traced
 
 
 @fast_apply
@@ -69,21 +69,36 @@ class RepeatHeadsFunction(Function):
         return g.unflatten(-3, (ctx.heads, ctx.r)).sum(-3), None
 
 
-def safe_softmax(s: Tensor) -> Tensor:
-    """softmax along the last dim, with 0 (not 0/0 = NaN) for a row every entry of which
-    is masked out (-inf), as torch's attention does."""
-    empty = (s == float("-inf")).all(-1, keepdim=True)
-    # such a row is softmaxed as zeros instead (then dropped), so that no NaN arises
-    # that a double backward would carry through the discarded branch
-    p = torch.softmax(torch.where(empty, 0.0, s), -1)
-    return torch.where(empty, 0.0, p)
-
-
 def _rows(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
     """Rows r0:r1 (dim -2) of a bias or mask, which may be broadcast along them."""
     if t is None or t.shape[-2] == 1:
         return t
     return t[..., r0:r1, :]
+
+
+def block_weights(q_c: Tensor, kt: Tensor, scale: float, bias: Tensor | None, causal: bool,
+                  r0: int, in_place: bool) -> Tensor:
+    """p = softmax(q_c k^T scale + bias) for the query rows r0.. of q_c, keys after each
+    query masked out when causal. A row that may attend to nothing (every score -inf,
+    possible only through bias) gets weights 0, as torch's attention gives; it is
+    softmaxed as zeros first, so that no NaN arises for a double backward to carry.
+    ``in_place``: the scores are added to and masked in place (not while a graph of this
+    is recorded): one block of scores alive, not three."""
+    z = (q_c * scale) @ kt  # (scaling the rows of q costs a (rows, E) copy, not (rows, S))
+    if bias is not None:
+        z = z.add_(bias) if in_place and z.shape == torch.broadcast_shapes(
+            z.shape, bias.shape) else z + bias
+    if causal:  # key j > query i: out (torch's tril(ones(L, S)), top-left aligned)
+        i = torch.arange(r0, r0 + z.shape[-2], device=z.device).unsqueeze(1)
+        later = torch.arange(z.shape[-1], device=z.device) > i
+        z = z.masked_fill_(later, float("-inf")) if in_place else \
+            z.masked_fill(later, float("-inf"))
+    if bias is None:
+        return torch.softmax(z, -1)
+    empty = (bias == float("-inf")).all(-1, keepdim=True)
+    if not traced() and not empty.any():
+        return torch.softmax(z, -1)
+    return torch.where(empty, 0.0, torch.softmax(torch.where(empty, 0.0, z), -1))
 
 
 @fast_apply
@@ -92,63 +107,72 @@ class ScaledDotProductAttentionFunction(Function):
 
     Shapes: q (*, L, E), k (*, S, E), v (*, S, Ev), o (*, L, Ev); bias broadcasts to
     (*, L, S) (attention masks come in as 0 / -inf, float masks as they are), s the
-    scale. Per query row i, with scores z_j = q_i . k_j s + bias_ij, weights p = softmax(z)
-    and (with dropout) p'_j = p_j m_j / (1 - d), m the kept positions:
+    scale; causal masks the keys after each query. Per query row i, with scores
+    z_j = q_i . k_j s + bias_ij, weights p = softmax(z) and (with dropout)
+    p'_j = p_j m_j / (1 - d), m the kept positions:
         o_i = sum_j p'_j v_j
     so, with g_i = dL/do_i:
         dL/dv_j  = sum over rows i of p'_ij g_i                    (dv = p'^T g)
         dL/dp'_j = g_i . v_j,   dL/dp_j = dL/dp'_j m_j / (1 - d)
-        dL/dz_j  = p_j (dL/dp_j - sum_l p_l dL/dp_l)                (softmax's rule)
+        dL/dz_j  = p_j (dL/dp_j - D_i),  D_i = sum_l p_l dL/dp_l    (softmax's rule)
         dL/dq_i  = s sum_j dL/dz_j k_j    dL/dk_j = s sum_i dL/dz_ij q_i
         dL/dbias = dL/dz
-    The sum D_i = sum_l p_l dL/dp_l also equals g_i . o_i (FlashAttention's shortcut,
-    which needs o kept); it is computed here from the block's weights, which backward
-    has anyway: in float32 that rounds as torch's softmax backward does.
+    D_i also equals g_i . o_i (FlashAttention's shortcut, which needs o kept); it is
+    computed here from the block's weights, which backward has anyway: in float32 that
+    rounds as torch's softmax backward does.
 
-    The rows are independent, so they are computed in chunks of ``rows`` queries: only a
-    (rows, S) block of scores exists at a time, forward and backward (which recomputes
-    its block's weights from q and k), and memory grows linearly in L rather than as
-    L x S. ``rows`` is chosen by the caller from the sizes (functional).
+    The rows are independent, so they are computed in chunks of ``rows`` queries, chosen
+    by the caller from the sizes (functional.attention_rows). Small attention is one
+    chunk, and its weights p are kept for backward, as torch's math does. Larger
+    attention is cut into chunks, and backward recomputes each chunk's weights from q and
+    k: only a (rows, S) block of scores exists at a time, forward and backward, so memory
+    grows linearly in L rather than as L x S. (A backward that is itself differentiated
+    always recomputes, so that the weights' dependence on q and k is seen.)
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
-                scale: float, keep_scale: float, rows: int) -> Tensor:
-        kt = k.mT
-        chunks = []
-        for r0 in range(0, max(q.shape[-2], 1), rows):  # (one pass when L is 0)
+                scale: float, keep_scale: float, causal: bool,
+                rows: int) -> tuple[Tensor, Tensor | None]:
+        kt, L = k.mT, q.shape[-2]
+        chunks, p = [], None
+        for r0 in range(0, max(L, 1), rows):  # (one pass when L is 0)
             r1 = r0 + rows
-            z = (q[..., r0:r1, :] @ kt) * scale
-            if bias is not None:
-                z = z + _rows(bias, r0, r1)
-            p = safe_softmax(z)
-            if keep is not None:
-                p = p * _rows(keep, r0, r1) * keep_scale
-            chunks.append(p @ v)
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, -2)
+            p = block_weights(q[..., r0:r1, :], kt, scale, _rows(bias, r0, r1), causal, r0,
+                              in_place=True)
+            chunks.append((p if keep is None else p * _rows(keep, r0, r1) * keep_scale) @ v)
+        o = chunks[0] if len(chunks) == 1 else torch.cat(chunks, -2)
+        # one chunk without dropout: its weights, kept for backward
+        return o, (p if rows >= L and keep is None else None)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        q, k, v, bias, keep, ctx.scale, ctx.keep_scale, ctx.rows = inputs
-        ctx.save_for_backward(q, k, v, bias, keep)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Any]) -> None:
+        q, k, v, bias, keep, ctx.scale, ctx.keep_scale, ctx.causal, ctx.rows = inputs
+        weights = output[1]
+        if weights is not None:
+            ctx.mark_non_differentiable(weights)
+        ctx.save_for_backward(q, k, v, bias, keep, weights)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, bias, keep = ctx.saved_tensors
+    def backward(ctx: Any, g: Tensor, _g_weights: Any) -> tuple[Tensor | None, ...]:
+        q, k, v, bias, keep, kept_weights = ctx.saved_tensors
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         s, rows = ctx.scale, ctx.rows
+        plain = plain_backward(g)  # (else differentiated again: out of place, and the
+        if not plain:              # weights recomputed, in view of q and k)
+            kept_weights = None
         kt = k.mT
         dq, dk, dv, dbias = [], None, None, []
         for r0 in range(0, max(q.shape[-2], 1), rows):
             r1 = r0 + rows
             q_c, g_c = q[..., r0:r1, :], g[..., r0:r1, :]
-            z = (q_c @ kt) * s
-            if bias is not None:
-                z = z + _rows(bias, r0, r1)
-            p = safe_softmax(z)  # this block's weights, recomputed
             keep_c = None if keep is None else _rows(keep, r0, r1) * ctx.keep_scale
+            if kept_weights is not None:  # p from forward (one chunk, no dropout)
+                p = kept_weights
+            else:  # this block's weights, recomputed
+                p = block_weights(q_c, kt, s, _rows(bias, r0, r1), ctx.causal, r0, plain)
             if need_v:
                 p_kept = p if keep_c is None else p * keep_c
                 term = p_kept.mT @ g_c  # (S, Ev) from this block of rows
@@ -156,7 +180,12 @@ class ScaledDotProductAttentionFunction(Function):
             dp = g_c @ v.mT  # dL/dp'
             if keep_c is not None:
                 dp = dp * keep_c  # dL/dp
-            dz = p * (dp - (p * dp).sum(-1, keepdim=True))  # p (dL/dp - D)
+            if plain:  # p (dL/dp - D), in place in dp's block
+                dz = dp.mul_(p)
+                dz.addcmul_(p, dz.sum(-1, keepdim=True), value=-1.0)
+            else:
+                p_dp = p * dp
+                dz = p_dp - p * p_dp.sum(-1, keepdim=True)  # p (dL/dp - D)
             if need_q:
                 dq.append((dz @ k) * s)
             if need_k:
@@ -171,4 +200,4 @@ class ScaledDotProductAttentionFunction(Function):
             grad_bias = full.sum_to_size(bias.shape)
         return (grad_q, dk.sum_to_size(k.shape) if need_k else None,
                 dv.sum_to_size(v.shape) if need_v else None, grad_bias,
-                None, None, None, None)
+                None, None, None, None, None)
