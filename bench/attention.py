@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import manual_grad
-from bench.common import interleaved, ms, table
+from bench.common import add_save_flag, interleaved, ms, table
 from manual_grad import functional as MF
 
 
@@ -87,10 +87,9 @@ def contenders(T: int, heads: int = 4, dim: int = 32):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--save", action="store_true", help="write bench/results/")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     cpu = torch.device("cpu")
     rows = []
     for T in args.lengths:
@@ -105,7 +104,7 @@ def main() -> None:
     header = (["T"] + [f"{n} MiB" for n in names] + [f"{n} ms" for n in names]
               + ["sdpa time ratio", "MHA time ratio"])
     table("Attention, causal, 4 heads of 32, forward + backward: peak memory and time",
-          header, rows, cpu, "attention" if args.save else None)
+          header, rows, cpu, "attention")
 
 
 if __name__ == "__main__":

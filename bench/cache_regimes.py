@@ -26,7 +26,7 @@ import time
 import torch
 from torch import nn
 
-from bench.common import table
+from bench.common import add_save_flag, table
 from bench.train_step import N_EPOCH, steps_fn
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--window", type=float, default=5.0, help="seconds per printed row")
     parser.add_argument("--batch", type=int, default=4096)
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("bench.cache_regimes needs Linux and at least two CPUs to pin")
     a, b = sorted(os.sched_getaffinity(0))[:2]

@@ -1,9 +1,11 @@
 """Shared by the benchmarks: interleaved timing, machine description, table output."""
 
+import argparse
 import ctypes
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -88,16 +90,28 @@ def machine(device: torch.device) -> str:
     return f"{what}; torch {torch.__version__}; {date.today().isoformat()}"
 
 
+def saving() -> bool:
+    """Whether the tables are to be written to bench/results/ (the --save flag, which every
+    bench's parser takes): without it a bench only prints, and the checkout stays clean."""
+    return "--save" in sys.argv[1:]
+
+
+def add_save_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--save", action="store_true",
+                        help="also write the tables to bench/results/ (tracked files)")
+    return parser
+
+
 def table(title: str, header: list[str], rows: list[list[str]], device: torch.device,
           name: str | None) -> str:
-    """Print a markdown table with its machine; with a name, also write it to
-    bench/results/NAME-DEVICE.md (None: print only, the checkout stays as it was)."""
+    """Print a markdown table with its machine; with --save and a name, also write it to
+    bench/results/NAME-DEVICE.md."""
     lines = [f"### {title}", "", f"Machine: {machine(device)}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    if name is not None:
+    if name is not None and saving():
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}-{device.type}.md").write_text(text)
     return text

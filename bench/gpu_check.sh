@@ -55,7 +55,7 @@ for b in ${BENCHES:-kernel_counts seed_table train_step memory lightning_epoch};
   args_var="BENCH_ARGS_$b"; args=${!args_var:-}
   [ "$b" = lightning_epoch ] && args=${args:-"--epochs 4"}
   t=$(left); [ "$t" -gt "${BENCH_TIMEOUT:-240}" ] && t=${BENCH_TIMEOUT:-240}
-  timeout "$t" python3 -m bench.$b $args 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
+  timeout "$t" python3 -m bench.$b --save $args 2>&1 | grep -v -i "warn\|tip:" | tee -a "$OUT/gpu_bench.txt"
 done
 # 4. the whole suite on this machine's torch, in the time left
 [ "${SUITE:-1}" = 0 ] && exit 0

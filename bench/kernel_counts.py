@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manual_grad
-from bench.common import devices, table
+from bench.common import add_save_flag, devices, table
 from manual_grad import functional as MF
 
 # Ops that launch no kernel: allocations (memory only), lift_fresh (wraps a new tensor),
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096])
     parser.add_argument("--seed-rows", type=int, default=50_000)
     parser.add_argument("--list", action="store_true", help="also print each row's ops")
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     found = devices()
     for device in found:
         # the GPU's path: on the GPU itself, or else on the meta device beside the CPU

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from bench.common import devices, ms, sync, table
+from bench.common import add_save_flag, devices, ms, sync, table
 from manual_grad.training import MNISTDataModule, MNISTRegressor, RunReport
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--cuda-graph-steps", type=int, nargs="*", default=[64],
                         help="on CUDA, also rows with model.cuda_graph at these "
                              "data.steps_per_batch (none: no such rows)")
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_mnist(Path(tmp), 60_000)
         for device in devices():

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import manual_grad
-from bench.common import devices, table
+from bench.common import add_save_flag, devices, table
 
 
 def step_memory(lib, batch: int, device: torch.device, warmup: bool = True,
@@ -77,7 +77,7 @@ def step_memory(lib, batch: int, device: torch.device, warmup: bool = True,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 4096, 60000])
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     for device in devices():
         what = "peak allocated, bytes" if device.type == "cuda" else "saved for backward, bytes"
         rows = []

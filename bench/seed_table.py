@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from bench.common import devices, interleaved, ms, table
+from bench.common import add_save_flag, devices, interleaved, ms, table
 from manual_grad import functional as MF
 from manual_grad import reference as R
 
@@ -17,7 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     for device in devices():
         seed_table(device, args.n, args.repeats)
 

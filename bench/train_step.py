@@ -25,7 +25,7 @@ from torch import nn
 from torch.autograd import Function
 
 import manual_grad
-from bench.common import devices, interleaved, ms, table
+from bench.common import add_save_flag, devices, interleaved, ms, table
 from manual_grad.functions import LinearFunction, MSELossFunction, ReLUFunction
 from manual_grad.modules import weight_and_bias
 
@@ -180,7 +180,7 @@ def main() -> None:
                         help="skip the torch.compile rows (compiling takes ~30 s)")
     parser.add_argument("--compiled-only", action="store_true",
                         help="only the torch.compile rows (native and drop-in)")
-    args = parser.parse_args()
+    args = add_save_flag(parser).parse_args()
     impls = {"native (torch.nn)": nn, "manual_grad drop-in": manual_grad,
              "manual_grad FusedMLP": "fused",
              "manual_grad FusedMLP.mse_loss (loss fused)": "fused loss",
