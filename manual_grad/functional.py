@@ -961,6 +961,9 @@ def matmul(input: Tensor, other: Tensor) -> Tensor:
     if input.dim() < 2 or other.dim() < 2:
         raise ValueError(f"matmul: expected tensors of 2 or more dims, got shapes "
                          f"{tuple(input.shape)} and {tuple(other.shape)}; unsqueeze a vector")
+    cast = _autocast_dtype(input)
+    if cast is not None:  # as torch's matmul under autocast: in the autocast dtype
+        input, other = _autocast(input, cast), _autocast(other, cast)
     return MatmulFunction.apply(input, other)
 
 

@@ -340,3 +340,54 @@ def test_zoo_model_trains_a_step_with_its_own_dropout(name):
     # (an embedding's rows of tokens absent from the batch rightly stay as they were)
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)
                if p.dim() < 2 or p.shape[0] != 11)
+
+
+AUTOCAST = {
+    "MultiheadAttention": (lambda lib: lib.MultiheadAttention(8, 2, batch_first=True),
+                           lambda: [torch.randn(2, 5, 8)] * 3),
+    "GroupNorm": (lambda lib: lib.GroupNorm(2, 4), lambda: [torch.randn(3, 4, 5)]),
+    "RMSNorm": (lambda lib: lib.RMSNorm(5), lambda: [torch.randn(3, 4, 5)]),
+    "Conv1d": (lambda lib: lib.Conv1d(3, 4, 3), lambda: [torch.randn(2, 3, 9)]),
+    "Hardswish": (lambda lib: lib.Hardswish(), lambda: [torch.randn(3, 4)]),
+    "AdaptiveAvgPool2d": (lambda lib: lib.AdaptiveAvgPool2d(2), lambda: [torch.randn(2, 3, 5, 5)]),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST))
+def test_new_layers_under_cpu_autocast_run_as_torch_nn(name):
+    """Under torch.autocast (CPU, bfloat16) each runs in the dtype torch.nn's runs in, with
+    values to bfloat16's precision, and the parameters' gradients in their own dtype."""
+    make, inputs = AUTOCAST[name]
+    torch.manual_seed(0)
+    theirs = make(nn)
+    ours = manual_grad.convert(theirs).model
+    raw = inputs()
+    results = []
+    for module in (ours, theirs):
+        x = [t.clone().requires_grad_() for t in raw]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(*x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+        results.append((out, [p.grad for p in module.parameters()] + [t.grad for t in x]))
+    (a, grads_a), (b, grads_b) = results
+    assert a.dtype == b.dtype
+    torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    for ga, gb in zip(grads_a, grads_b, strict=True):  # parameters', then inputs'
+        assert ga.dtype == gb.dtype == torch.float32
+        torch.testing.assert_close(ga, gb, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no-weights"])
+def test_multihead_attention_compiles_fullgraph_like_eager(need_weights):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = manual_grad.MultiheadAttention(8, 2, batch_first=True, dtype=D)
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=D)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    yc = compiled(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
+    gc = torch.autograd.grad(yc.sum(), [x, *module.parameters()])
+    ye = module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
+    torch.testing.assert_close(yc, ye)
+    torch.testing.assert_close(gc, torch.autograd.grad(ye.sum(), [x, *module.parameters()]))
