@@ -41,7 +41,7 @@ from manual_grad.modules import (
     Softmax,
     Tanh,
 )
-from manual_grad.per_sample import per_sample_grads
+from manual_grad.per_sample import loss_hvp, loss_jvp, per_sample_grads
 
 __all__ = [
     "AdaptiveAvgPool2d",
@@ -80,6 +80,8 @@ __all__ = [
     "convert",
     "functional",
     "functions",
+    "loss_hvp",
+    "loss_jvp",
     "per_sample_grads",
     "reference",
 ]

@@ -62,12 +62,19 @@ _any_autocast = torch._C._is_any_autocast_enabled
 # call their Function's eager twin themselves unless traced() (see functions/_fast_apply).
 
 
+def _dual(t: Tensor) -> bool:
+    """Whether t carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
 def _traced_in_place(input: Tensor, out: Tensor) -> Tensor:
     """The result of an in-place layer while traced (torch.func, torch.compile): there the
     Function runs out of place and its result is copied into the input. torch.func
     refuses a Function that returns its input as its output (mark_dirty), and torch.compile
     traces the copy into the same in-place write; values, gradients and the aliasing of
-    input and result are those of the eager in-place call."""
+    input and result are those of the eager in-place call. The same route serves an input
+    with a forward-mode tangent, whose copy carries the tangent along (torch's checks of
+    batched tangents refuse the in-place tangent update of a Function)."""
     return input.copy_(out)
 
 
@@ -425,6 +432,8 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     if traced():
         out = ReLUFunction.apply(input, False)
         return _traced_in_place(input, out) if inplace else out
+    if inplace and _dual(input):
+        return _traced_in_place(input, ReLUFunction._eager_apply(input, False))
     return ReLUFunction._eager_apply(input, inplace)
 
 
@@ -500,7 +509,7 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
         raise ValueError(
             f"leaky_relu: inplace=True needs negative_slope >= 0 (got {negative_slope}): the "
             "backward reads the sign from the overwritten output; use inplace=False")
-    if inplace and traced():  # (the Function saves its output: input may take it)
+    if inplace and (traced() or _dual(input)):  # (the Function saves its output)
         return _traced_in_place(input, LeakyReLUFunction.apply(input, negative_slope, False))
     return LeakyReLUFunction.apply(input, negative_slope, inplace)
 
@@ -737,7 +746,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True,
     # follows vmap's randomness setting ('different' per sample, or 'same')
     keep = torch.rand_like(input) >= p
     scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
-    if inplace and traced():  # (the Function saves only the mask: input may take y)
+    if inplace and (traced() or _dual(input)):  # (the Function saves only the mask)
         return _traced_in_place(input, DropoutFunction.apply(input, keep, scale, False))
     return DropoutFunction.apply(input, keep, scale, inplace)
 
@@ -1041,3 +1050,4 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     rows = attention_rows(math.prod(batch_shape), L, S)
     return ScaledDotProductAttentionFunction.apply(query, key, value, bias, keep, scale,
                                                    keep_scale, is_causal, rows)[0]
+

@@ -50,14 +50,16 @@ def test_attention_matches_torch_and_finite_differences(option, chunked):
         outs.append((y, torch.autograd.grad(y, a, torch.ones_like(y) * 0.5 + y.detach())))
     torch.testing.assert_close(outs[0], outs[1])  # (a row that may attend nowhere: 0)
     args = [t.clone().requires_grad_() for t in (q, k, v)]
-    assert gradcheck(lambda *t: MF.scaled_dot_product_attention(*t, **kwargs), args)
+    assert gradcheck(lambda *t: MF.scaled_dot_product_attention(*t, **kwargs), args,
+                     check_forward_ad=True, check_batched_forward_grad=True)
     assert gradgradcheck(lambda *t: MF.scaled_dot_product_attention(*t, **kwargs), args)
 
 
 def test_attention_gradient_reaches_a_float_mask(chunked):
     q, k, v = qkv(2)
     mask = torch.randn(2, 5, 7, dtype=D, requires_grad=True)
-    assert gradcheck(lambda m: MF.scaled_dot_product_attention(q, k, v, attn_mask=m), (mask,))
+    assert gradcheck(lambda m: MF.scaled_dot_product_attention(q, k, v, attn_mask=m), (mask,),
+                     check_forward_ad=True)
     row_mask = torch.randn(1, 7, dtype=D, requires_grad=True)  # broadcast over the rows
     assert gradcheck(lambda m: MF.scaled_dot_product_attention(q, k, v, attn_mask=m),
                      (row_mask,))
@@ -73,7 +75,7 @@ def test_grouped_query_attention_matches_torch(chunked):
     torch.testing.assert_close(torch.autograd.grad(y, (q, k, v), g),
                                torch.autograd.grad(ref, (q, k, v), g))
     assert gradcheck(lambda *t: MF.scaled_dot_product_attention(*t, enable_gqa=True),
-                     (q, k, v))
+                     (q, k, v), check_forward_ad=True)
 
 
 def test_attention_dropout_is_its_formula_with_the_mask_it_drew(chunked):
@@ -211,7 +213,7 @@ def test_multihead_attention_gradcheck():
         return out[0]
 
     args = (x, *(p.detach().clone().requires_grad_() for p in params.values()))
-    assert gradcheck(f, args)
+    assert gradcheck(f, args, check_forward_ad=True)
     assert gradgradcheck(f, args)
 
 

@@ -54,6 +54,50 @@ def legacy_batched(g: Tensor) -> bool:
     return not traced() and _is_legacy_batched(g)
 
 
+def tangent_sum(*terms: Tensor | None, shape: tuple[int, ...] | None = None) -> Tensor | None:
+    """The sum of a jvp's terms, each there only for an input that has a tangent (None
+    when no term is: an input without a tangent costs nothing); broadcast to ``shape``,
+    the output's, when a term such as a bias's tangent is smaller."""
+    total = None
+    for t in terms:
+        if t is not None:
+            total = t if total is None else total + t
+    if total is not None and shape is not None and total.shape != shape:
+        total = total.expand(shape)
+    return total
+
+
+_dynamo_tracing = torch._guards.TracingContext.try_get  # (None unless torch.compile traces)
+
+
+class _JvpOutsideDynamo:
+    """A Function's ``jvp``, hidden from torch.compile's tracer.
+
+    Dynamo (torch 2.14) stops at any Function that defines jvp, forward mode or not
+    ("Unsupported custom jvp": pytorch#180284), so a model of manual_grad layers would no
+    longer compile. While Dynamo traces, this attribute reads as torch's default jvp, and
+    Dynamo traces forward and backward as before; everywhere else it is the Function's
+    own. (Forward mode inside a compiled region then differentiates the forward's ops by
+    torch's rules, which Dynamo does even with a jvp in sight: pytorch#192985.)"""
+
+    def __init__(self, jvp: Any) -> None:
+        self.jvp = jvp
+        self.__doc__ = jvp.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if _dynamo_tracing() is None or _forward_mode_active():
+            return self.jvp
+        return Function.jvp
+
+
+def _forward_mode_active() -> bool:
+    """Whether a tangent may meet a Function: a torch.func transform or a forward-mode
+    level is open (then a traced Function shows its jvp, and torch.compile stops there,
+    as it must: a graph break, or an error under fullgraph=True)."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
 def fast_apply(cls: type[Function]) -> type[Function]:
     """Give ``cls`` an eager-mode ``apply`` that skips argument binding (see module doc)."""
     signature = inspect.signature(cls.forward)
@@ -75,6 +119,7 @@ def fast_apply(cls: type[Function]) -> type[Function]:
         "__module__": cls.__module__,
         "forward": staticmethod(combined_forward),
         "backward": staticmethod(cls.backward),
+        "jvp": staticmethod(cls.jvp),  # forward mode (torch.autograd.forward_ad)
     })
 
     def apply(klass: type[Function], *args: Any, **kwargs: Any) -> Any:
@@ -95,6 +140,7 @@ def fast_apply(cls: type[Function]) -> type[Function]:
     twin._backward_cls.apply = cls.backward  # type: ignore[attr-defined]
     cls.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
     cls._eager_twin = twin  # type: ignore[attr-defined]
+    cls.jvp = _JvpOutsideDynamo(vars(cls)["jvp"].__func__)  # type: ignore[method-assign]
     # For callers that have checked their arguments and give them all positionally, and
     # have asked traced() themselves (manual_grad.functional): the twin's apply with none
     # of the above, ~1 us less per call on a 2-core CPU.

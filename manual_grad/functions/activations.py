@@ -69,10 +69,11 @@ class ReLUFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        z, inplace = inputs
-        if inplace:
+        z, ctx.inplace = inputs
+        if ctx.inplace:
             ctx.mark_dirty(z)
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
@@ -80,6 +81,13 @@ class ReLUFunction(Function):
             return None, None
         (u,) = ctx.saved_tensors
         return relu_grad(g, u), None  # g * (u > 0)
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor, _: None) -> Tensor:
+        """Forward mode: du = dz * (u > 0), the same mask pushing the tangent forward (in
+        place when the layer was: the input's tangent becomes the output's)."""
+        (u,) = ctx.saved_tensors
+        return dz.mul_(relu_mask(u)) if ctx.inplace else dz * relu_mask(u)
 
 
 @fast_apply
@@ -106,7 +114,8 @@ class LeakyReLUFunction(Function):
         if inplace:
             ctx.mark_dirty(z)
         ctx.save_for_backward(output if negative_slope >= 0 else z)
-        ctx.negative_slope = negative_slope
+        ctx.save_for_forward(output if negative_slope >= 0 else z)
+        ctx.negative_slope, ctx.inplace = negative_slope, inplace
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:
@@ -114,6 +123,13 @@ class LeakyReLUFunction(Function):
             return None, None, None
         (s,) = ctx.saved_tensors  # u (or z): positive exactly where z is
         return torch.where(s > 0, g, g * ctx.negative_slope), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor, *_: None) -> Tensor:
+        """Forward mode: du = dz * (1 if z > 0 else a)."""
+        (s,) = ctx.saved_tensors
+        du = torch.where(s > 0, dz, dz * ctx.negative_slope)
+        return dz.copy_(du) if ctx.inplace else du
 
 
 @fast_apply
@@ -135,11 +151,18 @@ class SigmoidFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
         (u,) = ctx.saved_tensors
         return g * (u * (1 - u)).conj() if ctx.needs_input_grad[0] else None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor) -> Tensor:
+        """Forward mode: du = dz u (1 - u) (no conjugate: the tangent goes forward)."""
+        (u,) = ctx.saved_tensors
+        return dz * (u * (1 - u))
 
 
 @fast_apply
@@ -158,11 +181,18 @@ class TanhFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
         (u,) = ctx.saved_tensors
         return g * (1 - u * u).conj() if ctx.needs_input_grad[0] else None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor) -> Tensor:
+        """Forward mode: du = dz (1 - u^2)."""
+        (u,) = ctx.saved_tensors
+        return dz * (1 - u * u)
 
 
 @fast_apply
@@ -183,14 +213,26 @@ class SiLUFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
         if not ctx.needs_input_grad[0]:
             return None
         (z,) = ctx.saved_tensors
-        s = torch.sigmoid(z)
-        return g * (s * (1 + z * (1 - s))).conj()  # (conj: for complex z, a no-op else)
+        return g * _silu_slope(z).conj()  # (conj: for complex z, a no-op else)
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor) -> Tensor:
+        """Forward mode: du = dz s (1 + z (1 - s))."""
+        (z,) = ctx.saved_tensors
+        return dz * _silu_slope(z)
+
+
+def _silu_slope(z: Tensor) -> Tensor:
+    """du/dz = s (1 + z (1 - s)) for u = z s(z)."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -221,6 +263,7 @@ class GELUFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
         ctx.approximate = inputs[1]
 
     @staticmethod
@@ -228,13 +271,24 @@ class GELUFunction(Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         (z,) = ctx.saved_tensors
-        if ctx.approximate == "tanh":
-            t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-            dt = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
-            return g * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * dt), None
-        cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
-        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-        return g * (cdf + z * pdf), None
+        return g * _gelu_slope(z, ctx.approximate), None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor, _: None) -> Tensor:
+        """Forward mode: du = dz du/dz, the same slope."""
+        (z,) = ctx.saved_tensors
+        return dz * _gelu_slope(z, ctx.approximate)
+
+
+def _gelu_slope(z: Tensor, approximate: str) -> Tensor:
+    """du/dz of GELU: P(z) + z p(z), or its tanh form's (see GELUFunction)."""
+    if approximate == "tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        dt = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * dt
+    cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+    return cdf + z * pdf
 
 
 @fast_apply
@@ -254,6 +308,7 @@ class SoftmaxFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
         ctx.dim = inputs[1]
 
     @staticmethod
@@ -262,6 +317,13 @@ class SoftmaxFunction(Function):
             return None, None
         (u,) = ctx.saved_tensors
         return u * (g - (g * u).sum(ctx.dim, keepdim=True)), None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor, _: None) -> Tensor:
+        """Forward mode: the Jacobian diag(u) - u u^T is symmetric, so the tangent goes
+        forward by the same line: du = u * (dz - sum_j dz_j u_j)."""
+        (u,) = ctx.saved_tensors
+        return u * (dz - (dz * u).sum(ctx.dim, keepdim=True))
 
 
 @fast_apply
@@ -281,6 +343,7 @@ class LogSoftmaxFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
         ctx.dim = inputs[1]
 
     @staticmethod
@@ -289,6 +352,12 @@ class LogSoftmaxFunction(Function):
             return None, None
         (u,) = ctx.saved_tensors
         return g - torch.exp(u) * g.sum(ctx.dim, keepdim=True), None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor, _: None) -> Tensor:
+        """Forward mode: du_i = sum_k ([i == k] - softmax_k) dz_k = dz - sum_k e^u_k dz_k."""
+        (u,) = ctx.saved_tensors
+        return dz - (torch.exp(u) * dz).sum(ctx.dim, keepdim=True)
 
 
 @fast_apply
@@ -310,14 +379,25 @@ class HardswishFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
         if not ctx.needs_input_grad[0]:
             return None
         (z,) = ctx.saved_tensors
-        inner = g * (z / 3 + 0.5)  # -3 <= z <= 3
-        return torch.where(z < -3, 0.0, torch.where(z <= 3, inner, g))
+        return _hardswish_times(g, z)
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor) -> Tensor:
+        """Forward mode: du = dz du/dz, the same slope."""
+        (z,) = ctx.saved_tensors
+        return _hardswish_times(dz, z)
+
+
+def _hardswish_times(t: Tensor, z: Tensor) -> Tensor:
+    """t du/dz for u = hardswish(z): 0 below -3, t (z/3 + 1/2) on [-3, 3], t above."""
+    return torch.where(z < -3, 0.0, torch.where(z <= 3, t * (z / 3 + 0.5), t))
 
 
 @fast_apply
@@ -337,6 +417,7 @@ class HardsigmoidFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor | None:
@@ -344,3 +425,9 @@ class HardsigmoidFunction(Function):
             return None
         (z,) = ctx.saved_tensors
         return torch.where((z > -3) & (z < 3), g / 6, 0.0)
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor) -> Tensor:
+        """Forward mode: du = dz / 6 on (-3, 3), 0 outside."""
+        (z,) = ctx.saved_tensors
+        return torch.where((z > -3) & (z < 3), dz / 6, 0.0)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply, plain_backward, traced
+from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum, traced
 
 
 @fast_apply
@@ -30,7 +30,15 @@ class MatmulFunction(Function):
         a, b = inputs
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
                               b if ctx.needs_input_grad[0] else None)
-        ctx.shapes = a.shape, b.shape
+        ctx.save_for_forward(a, b)
+        ctx.shapes = a.shape, b.shape, output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, da: Tensor | None, db: Tensor | None) -> Tensor:
+        """Forward mode, the product rule: dy = da b + a db."""
+        a, b = ctx.saved_tensors
+        return tangent_sum(None if da is None else da @ b, None if db is None else a @ db,
+                           shape=ctx.shapes[2])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -63,6 +71,11 @@ class RepeatHeadsFunction(Function):
         ctx.heads, ctx.r = inputs[0].shape[-3], inputs[1]
 
     @staticmethod
+    def jvp(ctx: Any, dx: Tensor, _: None) -> Tensor:
+        """Forward mode: the same repetition, dy = dx with each head repeated r times."""
+        return dx.repeat_interleave(ctx.r, dim=-3)
+
+    @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
@@ -70,8 +83,9 @@ class RepeatHeadsFunction(Function):
 
 
 def _rows(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
-    """Rows r0:r1 (dim -2) of a bias or mask, which may be broadcast along them."""
-    if t is None or t.shape[-2] == 1:
+    """Rows r0:r1 (dim -2) of t, which may be broadcast along them; t itself when that is
+    all of it (no view: torch's older vmap, which batches tangents, refuses one)."""
+    if t is None or t.shape[-2] == 1 or (r0 == 0 and r1 >= t.shape[-2]):
         return t
     return t[..., r0:r1, :]
 
@@ -154,6 +168,36 @@ class ScaledDotProductAttentionFunction(Function):
         if weights is not None:
             ctx.mark_non_differentiable(weights)
         ctx.save_for_backward(q, k, v, bias, keep, weights)
+        ctx.save_for_forward(q, k, v, bias, keep)
+        ctx.out_shape = output[0].shape
+
+    @staticmethod
+    def jvp(ctx: Any, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
+            dbias: Tensor | None, *_: None) -> tuple[Tensor, None]:
+        """Forward mode, chunk by chunk as forward:
+            dz = s (dq k^T + q dk^T) + dbias                 (the scores' tangent)
+            dp = p (dz - sum_l p_l dz_l)                     (softmax's, per row)
+            do = (dp m / (1 - d)) v + p' dv"""
+        q, k, v, bias, keep = ctx.saved_tensors
+        s, rows, kt = ctx.scale, ctx.rows, k.mT
+        chunks = []
+        for r0 in range(0, max(q.shape[-2], 1), rows):
+            r1 = r0 + rows
+            q_c = _rows(q, r0, r1)
+            p = block_weights(q_c, kt, s, _rows(bias, r0, r1), ctx.causal, r0, False)
+            keep_c = None if keep is None else _rows(keep, r0, r1) * ctx.keep_scale
+            dz = tangent_sum(None if dq is None else (_rows(dq, r0, r1) * s) @ kt,
+                             None if dk is None else (q_c * s) @ dk.mT,
+                             _rows(dbias, r0, r1))
+            do = None
+            if dz is not None:
+                dp = p * (dz - (p * dz).sum(-1, keepdim=True))
+                do = (dp if keep_c is None else dp * keep_c) @ v
+            if dv is not None:
+                do = tangent_sum(do, (p if keep_c is None else p * keep_c) @ dv)
+            chunks.append(do)
+        do = chunks[0] if len(chunks) == 1 else torch.cat(chunks, -2)
+        return do.expand(ctx.out_shape) if do.shape != ctx.out_shape else do, None
 
     @staticmethod
     def backward(ctx: Any, g: Tensor, _g_weights: Any) -> tuple[Tensor | None, ...]:

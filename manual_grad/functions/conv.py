@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from manual_grad.functions._fast_apply import fast_apply, legacy_batched
+from manual_grad.functions._fast_apply import fast_apply, legacy_batched, tangent_sum
 
 
 @fast_apply
@@ -41,6 +41,8 @@ class Conv2dFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, W, b, ctx.stride, ctx.padding, ctx.dilation, ctx.groups = inputs
+        ctx.save_for_forward(x, W)
+        ctx.out_shape = output.shape
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
                               W if ctx.needs_input_grad[0] else None)
         ctx.x_shape, ctx.w_shape = x.shape, W.shape
@@ -82,3 +84,14 @@ class Conv2dFunction(Function):
         if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_b = g.sum((0, 2, 3))
         return grad_x, grad_W, grad_b, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dW: Tensor | None, db: Tensor | None,
+            *_: None) -> Tensor:
+        """Forward mode, the product rule on the bilinear map (x, W) -> conv2d(x, W):
+            dy = conv2d(dx, W) + conv2d(x, dW) + db"""
+        x, W = ctx.saved_tensors
+        args = (ctx.stride, ctx.padding, ctx.dilation, ctx.groups)
+        return tangent_sum(None if dx is None else F.conv2d(dx, W, None, *args),
+                           None if dW is None else F.conv2d(x, dW, None, *args),
+                           None if db is None else db.view(1, -1, 1, 1), shape=ctx.out_shape)

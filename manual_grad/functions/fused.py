@@ -8,11 +8,12 @@ same chain rule, written out in one backward.
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
-from manual_grad.functions.activations import relu_grad
+from manual_grad.functions._fast_apply import fast_apply, tangent_sum
+from manual_grad.functions.activations import relu_grad, relu_mask
 from manual_grad.functions.linear import affine, as_rows
 
 
@@ -36,6 +37,7 @@ class LinearReLUFunction(Function):
         needs_x, needs_W, _ = ctx.needs_input_grad
         x, W, _ = inputs
         ctx.save_for_backward(x if needs_W else None, W if needs_x else None, output)
+        ctx.save_for_forward(x, W, output)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -50,6 +52,14 @@ class LinearReLUFunction(Function):
         if needs_b:
             grad_b = dz_rows.sum(0)
         return grad_x, grad_W, grad_b
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dW: Tensor | None, db: Tensor | None) -> Tensor:
+        """Forward mode: dh = (dx W^T + x dW^T + db) * (h > 0), Linear's then ReLU's."""
+        x, W, h = ctx.saved_tensors
+        dz = tangent_sum(None if dx is None else affine(dx, W, None),
+                         None if dW is None else affine(x, dW, None), db)
+        return dz * relu_mask(h)  # (h's shape, whichever tangents came)
 
 
 @fast_apply
@@ -80,6 +90,7 @@ class MLPFunction(Function):
         need = ctx.needs_input_grad
         x, W1 = inputs[0], inputs[1]
         ctx.save_for_backward(x if need[1] else None, W1 if need[0] else None, inputs[3], h)
+        ctx.save_for_forward(x, W1, inputs[3], h)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None, g_h: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -103,3 +114,19 @@ class MLPFunction(Function):
             grad_b1 = dz.sum(0) if need_b1 else None
             grad_x = (dz @ W1).reshape(*h.shape[:-1], W1.shape[1]) if need_x else None
         return grad_x, grad_W1, grad_b1, grad_W2, grad_b2
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dW1: Tensor | None, db1: Tensor | None,
+            dW2: Tensor | None, db2: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Forward mode, layer by layer:
+            dh = (dx W1^T + x dW1^T + db1) * (h > 0)
+            dy = dh W2^T + h dW2^T + db2
+        and dh is also the tangent of the output h."""
+        x, W1, W2, h = ctx.saved_tensors
+        dz = tangent_sum(None if dx is None else affine(dx, W1, None),
+                         None if dW1 is None else affine(x, dW1, None), db1)
+        dh = None if dz is None else dz * relu_mask(h)
+        dy = tangent_sum(None if dh is None else affine(dh, W2, None),
+                         None if dW2 is None else affine(h, dW2, None), db2,
+                         shape=(*h.shape[:-1], W2.shape[0]))
+        return dy, (torch.zeros_like(h) if dh is None else dh)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, tangent_sum
 
 
 def as_rows(t: Tensor) -> Tensor:
@@ -62,6 +62,7 @@ class LinearFunction(Function):
         needs_x, needs_W, _ = ctx.needs_input_grad
         # dL/dx needs only W and dL/dW needs only x: keep just what will be used.
         ctx.save_for_backward(x if needs_W else None, W if needs_x else None)
+        ctx.save_for_forward(x, W)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -77,3 +78,14 @@ class LinearFunction(Function):
             if needs_b:
                 grad_b = g_rows.sum(0)  # (out,)
         return grad_x, grad_W, grad_b
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dW: Tensor | None, db: Tensor | None) -> Tensor:
+        """Forward mode, the product rule on y = x W^T + b:
+
+            dy = dx W^T + x dW^T + db         (each term only for a tangent given)
+        """
+        x, W = ctx.saved_tensors
+        return tangent_sum(None if dx is None else affine(dx, W, None),
+                           None if dW is None else affine(x, dW, None), db,
+                           shape=(*x.shape[:-1], W.shape[0]))

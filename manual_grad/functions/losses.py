@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._constants import constant
-from manual_grad.functions._fast_apply import fast_apply, plain_backward
+from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
 
 REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's loss kernels take these
@@ -43,6 +43,7 @@ class MSELossFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         u, y, reduction = inputs
         ctx.save_for_backward(u, y)
+        ctx.save_for_forward(u, y)
         ctx.reduction = reduction
 
     @staticmethod
@@ -64,6 +65,19 @@ class MSELossFunction(Function):
         if needs_y:
             grad_y = (-grad_d).sum_to_size(y.shape)
         return grad_u, grad_y, None
+
+    @staticmethod
+    def jvp(ctx: Any, du: Tensor | None, dy: Tensor | None, _: None) -> Tensor:
+        """Forward mode: dC = reduce(2 d (du - dy))."""
+        u, y = ctx.saved_tensors
+        return _reduce(2 * (u - y) * _difference(du, dy), ctx.reduction)
+
+
+def _difference(du: Tensor | None, dy: Tensor | None) -> Tensor:
+    """The tangent of d = u - y (at least one of the two is given)."""
+    if dy is None:
+        return du
+    return -dy if du is None else du - dy
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -98,6 +112,16 @@ class L1LossFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         u, y, ctx.reduction = inputs
         ctx.save_for_backward(u, y)
+        ctx.save_for_forward(u, y)
+
+    @staticmethod
+    def jvp(ctx: Any, du: Tensor | None, dy: Tensor | None, _: None) -> Tensor:
+        """Forward mode: dC = reduce(sign(d) (du - dy)); for complex d, d|d| is the real
+        part of conj(d / |d|) dd."""
+        u, y = ctx.saved_tensors
+        d, dd = u - y, _difference(du, dy)
+        slope = (torch.sgn(d).conj() * dd).real if d.is_complex() else torch.sign(d) * dd
+        return _reduce(slope, ctx.reduction)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -132,6 +156,14 @@ class HuberLossFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         u, y, ctx.reduction, ctx.delta = inputs
         ctx.save_for_backward(u, y)
+        ctx.save_for_forward(u, y)
+
+    @staticmethod
+    def jvp(ctx: Any, du: Tensor | None, dy: Tensor | None, *_: None) -> Tensor:
+        """Forward mode: dC = reduce(clamp(d, -delta, delta) (du - dy))."""
+        u, y = ctx.saved_tensors
+        return _reduce((u - y).clamp(-ctx.delta, ctx.delta) * _difference(du, dy),
+                       ctx.reduction)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
@@ -171,6 +203,24 @@ class BCEWithLogitsLossFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         z, y, weight, pos_weight, ctx.reduction = inputs
         ctx.save_for_backward(z, y, weight, pos_weight)
+        ctx.save_for_forward(z, y, weight, pos_weight)
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor | None, dy: Tensor | None, dw: Tensor | None,
+            dp: Tensor | None, _: None) -> Tensor:
+        """Forward mode, each input's term of the loss's tangent:
+            dl = w [(1 - y + p y) s(z) - p y] dz + w [p sp(-z) - sp(z)] dy
+               + [p y sp(-z) + (1 - y) sp(z)] dw + w y sp(-z) dp"""
+        z, y, weight, pos_weight = ctx.saved_tensors
+        sp = torch.nn.functional.softplus
+        p = 1.0 if pos_weight is None else pos_weight
+        w = 1.0 if weight is None else weight
+        dl = tangent_sum(
+            None if dz is None else w * ((1 - y + p * y) * torch.sigmoid(z) - p * y) * dz,
+            None if dy is None else w * (p * sp(-z) - sp(z)) * dy,
+            None if dw is None else (p * y * sp(-z) + (1 - y) * sp(z)) * dw,
+            None if dp is None else w * y * sp(-z) * dp)
+        return _reduce(dl, ctx.reduction)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -223,6 +273,42 @@ class CrossEntropyLossFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         z, t, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing = inputs
         ctx.save_for_backward(z, t, weight)
+        ctx.save_for_forward(z, t, weight)
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor | None, dt: Tensor | None, dw: Tensor | None,
+            *_: None) -> Tensor:
+        """Forward mode. loss_i = -sum_c a_ic q_ic, q = log_softmax(z), and the
+        coefficients a are linear in the target probabilities t and in the weights w:
+            dq = dz - sum_c softmax_c dz_c          (log_softmax's tangent)
+            dloss_i = -sum_c (a_ic dq_ic + da_ic q_ic),  da = a(dt) or a(dw)
+        and for 'mean' C = S / den: dC = (dS - C dden) / den, den = sum of kept w_t."""
+        z, t, weight = ctx.saved_tensors
+        dim = 1 if z.dim() > 1 else 0
+        e = ctx.label_smoothing
+        q = torch.log_softmax(z, dim)
+        a, den = _cross_entropy_coefficients(z, t, weight, ctx.ignore_index, e)
+        terms = []
+        if dz is not None:
+            terms.append(a * (dz - (torch.exp(q) * dz).sum(dim, keepdim=True)))
+        if dt is not None:  # probability targets: a = ((1 - e) t + e / C) w
+            w = 1.0 if weight is None else _class_view(weight, z)
+            terms.append((1 - e) * dt * w * q)
+        d_den = None
+        if dw is not None:
+            a_w, d_den = _cross_entropy_coefficients(z, t, dw, ctx.ignore_index, e)
+            terms.append(a_w * q)
+            if t.is_floating_point():
+                d_den = None  # (the denominator is the count of samples then)
+        dloss = -tangent_sum(*terms).sum(dim)
+        if ctx.reduction == "none":
+            return dloss
+        if ctx.reduction == "sum":
+            return dloss.sum()
+        dC = dloss.sum() / den
+        if d_den is not None:
+            dC = dC - (-(a * q).sum() / den) * d_den / den
+        return dC
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:

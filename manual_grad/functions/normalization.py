@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, tangent_sum
 
 
 def centred_stats(x: Tensor, dims: tuple[int, ...],
@@ -32,6 +32,15 @@ def _scale_shift(xhat: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
     if w is not None:
         return xhat * w
     return xhat + b if b is not None else xhat
+
+
+def _xhat_tangent(dx: Tensor, xhat: Tensor, rstd: Tensor, dims: int | tuple[int, ...]
+                  ) -> Tensor:
+    """Forward mode of xhat = (x - mean) rstd over dims: the Jacobian is the backward's,
+    and symmetric, so the same line pushes dx forward:
+        dxhat = rstd (dx - mean(dx) - xhat mean(dx xhat))"""
+    return rstd * (dx - dx.mean(dims, keepdim=True)
+                   - xhat * (dx * xhat).mean(dims, keepdim=True))
 
 
 def _row_stats(rows: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -72,6 +81,22 @@ class LayerNormFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, ctx.k, w, _, ctx.eps = inputs
         ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, _: None, dw: Tensor | None, db: Tensor | None,
+            __: None) -> Tensor:
+        """Forward mode: dy = dxhat w + xhat dw + db, dxhat as in backward (per row)."""
+        x, w = ctx.saved_tensors
+        m = math.prod(x.shape[x.dim() - ctx.k:])
+        centred, rstd = _row_stats(x.reshape(-1, m), ctx.eps)
+        xhat = centred * rstd
+        dy = None
+        if dx is not None:
+            dy = _xhat_tangent(dx.reshape(-1, m), xhat, rstd, 1).view(x.shape)
+            dy = dy * w if w is not None else dy
+        return tangent_sum(dy, None if dw is None else xhat.view(x.shape) * dw, db,
+                           shape=x.shape)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -132,6 +157,34 @@ class BatchNormFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, w, _, mean, var, ctx.eps = inputs
         ctx.save_for_backward(x, w, mean, var)
+        ctx.save_for_forward(x, w, mean, var)
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dw: Tensor | None, db: Tensor | None,
+            dmean: Tensor | None, dvar: Tensor | None, _: None) -> Tensor:
+        """Forward mode: dy = dxhat w + xhat dw + db. In training dxhat is LayerNorm's
+        line over the channel's values; in eval the statistics are inputs, and
+            dxhat = rstd (dx - dmean) - centred rstd^3 dvar / 2"""
+        x, w, mean, var = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dims = (0, *range(2, x.dim()))
+        if mean is None:
+            var_, _, centred = centred_stats(x, dims)
+        else:
+            var_, centred = var.view(shape), x - mean.view(shape)
+        rstd = torch.rsqrt(var_ + ctx.eps)
+        xhat = centred * rstd
+        if mean is None:
+            dxhat = None if dx is None else _xhat_tangent(dx, xhat, rstd, dims)
+        else:
+            dxhat = tangent_sum(None if dx is None else dx * rstd,
+                                None if dmean is None else -dmean.view(shape) * rstd,
+                                None if dvar is None else
+                                -0.5 * centred * rstd.pow(3) * dvar.view(shape))
+        if dxhat is not None and w is not None:
+            dxhat = dxhat * w.view(shape)
+        return tangent_sum(dxhat, None if dw is None else xhat * dw.view(shape),
+                           None if db is None else db.view(shape).expand_as(x))
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -189,6 +242,24 @@ class GroupNormFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, ctx.groups, w, _, ctx.eps = inputs
         ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, _: None, dw: Tensor | None, db: Tensor | None,
+            __: None) -> Tensor:
+        """Forward mode: dy = dxhat w + xhat dw + db, dxhat LayerNorm's line per group."""
+        x, w = ctx.saved_tensors
+        N, C = x.shape[:2]
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        rows, m = N * ctx.groups, math.prod(x.shape[1:]) // ctx.groups
+        centred, rstd = _row_stats(x.reshape(rows, m), ctx.eps)
+        xhat = centred * rstd
+        dy = None
+        if dx is not None:
+            dy = _xhat_tangent(dx.reshape(rows, m), xhat, rstd, 1).view(x.shape)
+            dy = dy * w.view(shape) if w is not None else dy
+        return tangent_sum(dy, None if dw is None else xhat.view(x.shape) * dw.view(shape),
+                           None if db is None else db.view(shape).expand_as(x))
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -239,6 +310,24 @@ class RMSNormFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, ctx.k, w, ctx.eps = inputs
         ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, _: None, dw: Tensor | None, __: None) -> Tensor:
+        """Forward mode: dr = -r^3 mean(x dx), so
+            dy = (r dx - r^3 x mean(x dx)) w + x r dw"""
+        x, w = ctx.saved_tensors
+        m = math.prod(x.shape[x.dim() - ctx.k:])
+        rows = x.reshape(-1, m)
+        r = torch.rsqrt(rows.square().mean(1, keepdim=True) + ctx.eps)
+        dy = None
+        if dx is not None:
+            dx_rows = dx.reshape(-1, m)
+            dy = (r * dx_rows - r.pow(3) * rows * (rows * dx_rows).mean(1, keepdim=True)
+                  ).view(x.shape)
+            dy = dy * w if w is not None else dy
+        return tangent_sum(dy, None if dw is None else (rows * r).view(x.shape) * dw,
+                           shape=x.shape)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:

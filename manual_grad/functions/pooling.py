@@ -34,6 +34,7 @@ class MaxPool2dFunction(Function):
         _, indices = output
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
+        ctx.save_for_forward(indices)
         ctx.x_shape = inputs[0].shape
 
     @staticmethod
@@ -49,6 +50,16 @@ class MaxPool2dFunction(Function):
             rows, where = g.reshape(*lead, n_out), indices.reshape(*lead, n_out)
             grad_x = flat.scatter_add(-1, where, rows).view(ctx.x_shape)
         return grad_x, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor, *_: None) -> tuple[Tensor, None]:
+        """Forward mode: each window's output moves with its winner, dy = dx[winner]
+        (a gather by the same indices backward scatters by)."""
+        (indices,) = ctx.saved_tensors
+        *lead, H, W = dx.shape
+        n_out = indices.shape[-2] * indices.shape[-1]
+        dy = dx.reshape(*lead, H * W).gather(-1, indices.reshape(*lead, n_out))
+        return dy.view(indices.shape), None
 
 
 @fast_apply
@@ -76,9 +87,16 @@ class AvgPool2dFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        (x, ctx.kernel_size, ctx.stride, ctx.padding, _, ctx.count_include_pad,
+        (x, ctx.kernel_size, ctx.stride, ctx.padding, ctx.ceil_mode, ctx.count_include_pad,
          ctx.divisor) = inputs
         ctx.x_shape = x.shape
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor, *_: None) -> Tensor:
+        """Forward mode: pooling is linear, dy = avg_pool2d(dx), the same windows and
+        divisors."""
+        return F.avg_pool2d(dx, ctx.kernel_size, ctx.stride, ctx.padding, ctx.ceil_mode,
+                            ctx.count_include_pad, ctx.divisor)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -143,7 +161,14 @@ class AdaptiveAvgPool2dFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.x_shape = inputs[0].shape
+        ctx.x_shape, ctx.output_size = inputs[0].shape, inputs[1]
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor, _: None) -> Tensor:
+        """Forward mode: linear, dy = P_H dx P_W^T."""
+        H, W = ctx.x_shape[-2:]
+        oh, ow = ctx.output_size
+        return adaptive_windows(H, oh, dx) @ dx @ adaptive_windows(W, ow, dx).t()
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:

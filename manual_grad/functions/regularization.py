@@ -34,8 +34,16 @@ class DropoutFunction(Function):
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(keep)
+        ctx.save_for_forward(keep)
+        ctx.inplace = inplace
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         (keep,) = ctx.saved_tensors
         return (g * keep * ctx.scale if ctx.needs_input_grad[0] else None), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor, *_: Any) -> Tensor:
+        """Forward mode: dy = dx * m * s, the same mask and scale."""
+        (keep,) = ctx.saved_tensors
+        return dx.mul_(keep).mul_(ctx.scale) if ctx.inplace else dx * keep * ctx.scale

@@ -24,11 +24,17 @@ class FlattenFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.x_shape = inputs[0].shape
+        ctx.x_shape, ctx.y_shape = inputs[0].shape, output.shape
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:
         return (g.reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor, *_: None) -> Tensor:
+        """Forward mode: the same relabelling, dy = dx flattened (a view, as forward
+        returns one)."""
+        return dx.view(ctx.y_shape)
 
 
 @fast_apply
@@ -52,6 +58,7 @@ class EmbeddingFunction(Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         i, W, ctx.padding_idx, ctx.scale_grad_by_freq = inputs
         ctx.save_for_backward(i)
+        ctx.save_for_forward(i)
         ctx.num_embeddings = W.shape[0]
 
     @staticmethod
@@ -70,3 +77,10 @@ class EmbeddingFunction(Function):
             rows = rows * (flat_i != ctx.padding_idx).unsqueeze(1).to(rows.dtype)
         grad_W = rows.new_zeros(ctx.num_embeddings, rows.shape[1]).index_add(0, flat_i, rows)
         return None, grad_W, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, _: None, dW: Tensor, *__: None) -> Tensor:
+        """Forward mode: the lookup is linear in W, dy = dW[i] (padding_idx and
+        scale_grad_by_freq change only what backward hands W, not the derivative)."""
+        (i,) = ctx.saved_tensors
+        return dW[i]

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manual_grad.functions._constants import constant
-from manual_grad.functions._fast_apply import fast_apply, plain_backward
+from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
 from manual_grad.functions.linear import affine
 
 # The gradients a forward summed, one per input (None where none was wanted)
@@ -171,6 +171,7 @@ def _keep(ctx: Any, tensors: list[Tensor | None], reduction: str,
     """setup_context of both Functions: the inputs, and the sums forward made (if any)."""
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
     # The sums are kept on ctx, not saved: nothing but backward sees them, and backward
     # takes them (each is used once), so the gradients it returns are its caller's alone
     # (AccumulateGrad can take them as .grad without a copy).
@@ -293,6 +294,19 @@ class LinearReLUMSELossFunction(Function):
         grad_b = grad_z.sum(0) if need[2] else None
         grad_y = -grad_u if need[3] else None
         return grad_x, grad_W, grad_b, grad_y, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dW: Tensor | None, db: Tensor | None,
+            dy: Tensor | None, *_: None) -> tuple[Tensor, None]:
+        """Forward mode, the three layers' tangents in turn:
+            du = (dx W^T + x dW^T + db) * (u > 0)       dC = 2 s sum(d (du - dy))"""
+        x, W, b, y = ctx.saved_tensors
+        u = affine(x, W, b).clamp_min(0.0)
+        dz = tangent_sum(None if dx is None else affine(dx, W, None),
+                         None if dW is None else affine(x, dW, None), db)
+        dd = tangent_sum(None if dz is None else dz * _unit_mask(u),
+                         None if dy is None else -dy)
+        return (2.0 * _scale(ctx.reduction, y.numel())) * ((u - y) * dd).sum(), None
 
 
 @fast_apply
@@ -435,3 +449,26 @@ class MLPMSELossFunction(Function):
         return (grad_x, grad_z.t() @ xb if need[1] else None,
                 grad_z.sum(0) if need[2] else None, grad_o.t() @ h if need[3] else None,
                 grad_o.sum(0) if need[4] else None, grad_y, None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dW1: Tensor | None, db1: Tensor | None,
+            dW2: Tensor | None, db2: Tensor | None, dy: Tensor | None,
+            *_: None) -> tuple[Tensor, None]:
+        """Forward mode, layer by layer (FusedMLP's), then the loss's:
+            dh = (dx W1^T + x dW1^T + db1) * (h > 0)
+            do = dh W2^T + h dW2^T + db2                dC = 2 s sum(d (do - dy))
+        (with rows, x, y and their tangents are the batch's rows)."""
+        x, W1, b1, W2, b2, y, rows = ctx.saved_tensors
+        if rows is not None:
+            x, y = x.index_select(0, rows), y.index_select(0, rows)
+            dx = None if dx is None else dx.index_select(0, rows)
+            dy = None if dy is None else dy.index_select(0, rows)
+        h = affine(x, W1, b1).clamp_min(0.0)
+        dz = tangent_sum(None if dx is None else affine(dx, W1, None),
+                         None if dW1 is None else affine(x, dW1, None), db1)
+        dh = None if dz is None else dz * _unit_mask(h)
+        dd = tangent_sum(None if dh is None else affine(dh, W2, None),
+                         None if dW2 is None else affine(h, dW2, None), db2,
+                         None if dy is None else -dy)
+        d = affine(h, W2, b2) - y
+        return (2.0 * _scale(ctx.reduction, y.numel())) * (d * dd).sum(), None
