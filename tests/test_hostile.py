@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 import manual_grad
 
@@ -126,6 +127,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def _compiles(t: torch.Tensor) -> bool:
+    """Whether t is one of torch.compile's tracing tensors (fake, or functional around a
+    fake), which earlier tests in the same process leave to be freed late."""
+    return isinstance(t, FakeTensor | FunctionalTensor) or torch._is_functional_tensor(t)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                     reason="needs /proc to read resident memory")
 def test_ten_thousand_steps_hold_memory_flat():
@@ -144,8 +151,7 @@ def test_ten_thousand_steps_hold_memory_flat():
 
     def live_tensors() -> int:
         gc.collect()
-        return sum(1 for o in gc.get_objects() if torch.is_tensor(o)
-                   and not isinstance(o, FakeTensor))  # (compile's, from earlier tests)
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and not _compiles(o))
 
     steps(500)
     tensors, rss = live_tensors(), _rss_bytes()
@@ -154,9 +160,9 @@ def test_ten_thousand_steps_hold_memory_flat():
     try:  # a tensor kept on ctx makes a reference cycle per step (pytorch#25340)
         steps(1000)
         gc.collect()
-        # (FakeTensors are torch.compile's, left by earlier tests in the same process and
-        # freed late; the eager steps here make none)
-        cyclic = [o for o in gc.garbage if (torch.is_tensor(o) and not isinstance(o, FakeTensor))
+        # (FakeTensors and the FunctionalTensors around them are torch.compile's, left by
+        # earlier tests in the same process and freed late; the eager steps here make none)
+        cyclic = [o for o in gc.garbage if (torch.is_tensor(o) and not _compiles(o))
                   or isinstance(o, torch.autograd.function.BackwardCFunction)]
         assert cyclic == [], f"{len(cyclic)} tensors or autograd contexts were in cycles"
     finally:
