@@ -6,8 +6,9 @@ manual_grad's layers (their hand-derived jvps) against torch.nn's, in the same p
 - hvp: ``manual_grad.loss_hvp``, forward over reverse (the jvp of the gradient).
 
 Models: the seed's MLP (784 -> 50 -> ReLU -> 1, MSE) at batch 64 and 4096, and a
-transformer encoder layer (d 64, 4 heads, T 32, batch 8). Times are interleaved medians,
-ratios per round (bench/common.py).
+transformer encoder layer (d 64, 4 heads, T 32, batch 8), run on torch's math attention
+(its CPU flash kernel has no forward mode: torch.nn's layer fails there otherwise). Times
+are interleaved medians, ratios per round (bench/common.py).
 
     python -m bench.forward_ad           # prints the table
     python -m bench.forward_ad --save    # and writes bench/results/forward_ad-cpu.md
@@ -17,6 +18,7 @@ import argparse
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import manual_grad
 from bench.common import add_save_flag, interleaved, ms, table
@@ -55,7 +57,8 @@ def main() -> None:
             "torch.nn hvp": lambda m=theirs: manual_grad.loss_hvp(m, loss_fn, x, y, v),
             "manual_grad hvp": lambda m=ours: manual_grad.loss_hvp(m, loss_fn, x, y, v),
         }
-        times = interleaved(fns, cpu, repeats=args.repeats)
+        with sdpa_kernel(SDPBackend.MATH):
+            times = interleaved(fns, cpu, repeats=args.repeats)
         rows.append([name] + [ms(times.median(n)) for n in fns] + [
             f"{times.ratio('manual_grad jvp', 'torch.nn jvp'):.2f}",
             f"{times.ratio('manual_grad hvp', 'torch.nn hvp'):.2f}"])
