@@ -2,6 +2,8 @@
 and report truthfully what still runs on torch's own gradients."""
 
 import copy
+import math
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -25,8 +27,15 @@ FUSABLE: dict[tuple[type[nn.Module], ...], type[nn.Module]] = {
     (nn.Linear, nn.ReLU): modules.FusedLinearReLU,
 }
 
-# every class whose forward runs hand-derived Functions
-MANUAL: tuple[type[nn.Module], ...] = (*COUNTERPARTS.values(), *FUSABLE.values())
+
+
+def counterparts() -> dict[type[nn.Module], type[nn.Module]]:
+    """COUNTERPARTS, and torchvision's own layers' (manual_grad.vision) once torchvision
+    is imported: a model of its layers has imported it, and manual_grad alone does not."""
+    if "torchvision" not in sys.modules:
+        return COUNTERPARTS
+    from manual_grad import vision
+    return {**COUNTERPARTS, **vision.COUNTERPARTS}
 
 # options the manual layer refuses: such a layer is kept, and the report says why
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
@@ -39,11 +48,14 @@ UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
 # their manual_grad counterparts
 CALLS_CHILDREN = (nn.MultiheadAttention,)
 
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, parametrize.ParametrizationList)
+# modules that are not layers: containers, and nn.Identity (it hands its input on)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, parametrize.ParametrizationList,
+              nn.Identity)
 
 
 def _is_manual(module: nn.Module) -> bool:
-    return isinstance(module, MANUAL)
+    """Whether module's forward runs hand-derived Functions."""
+    return isinstance(module, (*counterparts().values(), *FUSABLE.values()))
 
 
 def _parametrized_counterpart(module: nn.Module) -> type[nn.Module] | None:
@@ -54,7 +66,7 @@ def _parametrized_counterpart(module: nn.Module) -> type[nn.Module] | None:
     if not parametrize.is_parametrized(module):
         return None
     parametrized = type(module)
-    counterpart = COUNTERPARTS.get(parametrized.__bases__[0])
+    counterpart = counterparts().get(parametrized.__bases__[0])
     if counterpart is None:
         return None
     # torch gives each parametrized layer a class of its own, holding a property per
@@ -160,17 +172,22 @@ class Conversion(NamedTuple):
                  if p.requires_grad]
         share_p, share_l = self.coverage()
         lines.append(
-            f"hand-derived gradients: {100 * share_p:.1f}% of layer parameters "
+            f"hand-derived gradients: {_percent(share_p)} of layer parameters "
             f"({sum(n for manual, n in sizes if manual):,} of {sum(n for _, n in sizes):,}), "
-            f"{round(share_l * len(layers))} of {len(layers)} layers ({100 * share_l:.1f}%)")
+            f"{round(share_l * len(layers))} of {len(layers)} layers ({_percent(share_l)})")
         return "\n".join(lines)
+
+
+def _percent(share: float) -> str:
+    """share as a percentage with one decimal, rounded down: 100.0% only when it is all."""
+    return f"{math.floor(share * 1000) / 10:.1f}%"
 
 
 def _fused_class(module: nn.Module) -> type[nn.Module] | None:
     if type(module) is not nn.Sequential:
         return None
     # a child counts as its torch.nn type, whether it is torch's or manual_grad's
-    as_torch = {manual: torch_type for torch_type, manual in COUNTERPARTS.items()}
+    as_torch = {manual: torch_type for torch_type, manual in counterparts().items()}
     return FUSABLE.get(tuple(as_torch.get(type(m), type(m)) for m in module))
 
 
@@ -181,7 +198,7 @@ def _why_kept(module: nn.Module) -> str:
         names = ", ".join(module.parametrizations.keys())
         return (f"{base.__name__} under a parametrization of {names} (no manual_grad "
                 "counterpart)")
-    for torch_type in COUNTERPARTS:
+    for torch_type in counterparts():
         if issubclass(kind, torch_type):
             return (f"{kind.__name__}, a subclass of torch.nn.{torch_type.__name__}: its "
                     "forward may differ, so it is not converted")
@@ -202,6 +219,7 @@ def convert(model: nn.Module, inplace: bool = False, fuse: bool = False) -> Conv
     """
     if not inplace:
         model = copy.deepcopy(model)
+    table = counterparts()
     replaced, kept = {}, {}
     for name, module in _layers(model).items():
         kind = type(module)
@@ -217,10 +235,10 @@ def convert(model: nn.Module, inplace: bool = False, fuse: bool = False) -> Conv
                 replaced[name] = f"{base.__name__} (parametrized {names})"
                 continue
             kept[name] = f"{base.__name__} ({reason} is not supported by manual_grad)"
-        elif kind in COUNTERPARTS:
+        elif kind in table:
             reason = UNSUPPORTED.get(kind, lambda m: None)(module)
             if reason is None:
-                module.__class__ = COUNTERPARTS[kind]
+                module.__class__ = table[kind]
                 replaced[name] = kind.__name__
                 continue
             kept[name] = f"{kind.__name__} ({reason} is not supported by manual_grad)"

@@ -25,6 +25,7 @@ from manual_grad.functions import (
     GroupNormFunction,
     HardsigmoidFunction,
     HardswishFunction,
+    HardtanhFunction,
     HuberLossFunction,
     L1LossFunction,
     LayerNormFunction,
@@ -888,6 +889,39 @@ def _elementwise_in_place(name: str, fn, input: Tensor, inplace: bool) -> Tensor
 def hardswish(input: Tensor, inplace: bool = False) -> Tensor:
     """As ``torch.nn.functional.hardswish``."""
     return _elementwise_in_place("hardswish", HardswishFunction, input, inplace)
+
+
+def hardtanh(input: Tensor, min_val: float = -1.0, max_val: float = 1.0,
+             inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.hardtanh`` (ReLU6 is hardtanh(input, 0, 6))."""
+    if min_val > max_val:
+        raise ValueError(f"hardtanh: min_val ({min_val}) must not exceed max_val ({max_val})")
+    if input.dtype == torch.bool:
+        raise TypeError("hardtanh: boolean inputs are not supported, as in torch")
+    if inplace and (traced() or _dual(input)):  # (the Function saves its output)
+        return _traced_in_place(input, HardtanhFunction.apply(input, min_val, max_val, False))
+    return HardtanhFunction.apply(input, min_val, max_val, inplace)
+
+
+def relu6(input: Tensor, inplace: bool = False) -> Tensor:
+    """As ``torch.nn.functional.relu6``: hardtanh(input, 0, 6)."""
+    return hardtanh(input, 0.0, 6.0, inplace)
+
+
+def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) -> Tensor:
+    """As ``torchvision.ops.stochastic_depth``: in training, zero each sample ('row') or
+    the whole batch ('batch') with probability p and scale the rest by 1 / (1 - p): a
+    dropout whose mask is shared along a sample, so DropoutFunction's backward."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"stochastic_depth: p must be in [0, 1], got {p}")
+    if mode not in ("batch", "row"):
+        raise ValueError(f"stochastic_depth: mode must be 'batch' or 'row', got {mode!r}")
+    if not training or p == 0.0:
+        return input
+    size = [input.shape[0]] + [1] * (input.dim() - 1) if mode == "row" else [1] * input.dim()
+    keep = torch.rand(size, device=input.device) >= p
+    scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+    return DropoutFunction.apply(input, keep, scale, False)
 
 
 def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:

@@ -295,6 +295,20 @@ class Hardsigmoid(nn.Hardsigmoid):
         return F.hardsigmoid(input, self.inplace)
 
 
+class Hardtanh(nn.Hardtanh):
+    """``torch.nn.Hardtanh`` with the hand-derived backward of ``HardtanhFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
+class ReLU6(nn.ReLU6):
+    """``torch.nn.ReLU6`` (Hardtanh from 0 to 6), backward by ``HardtanhFunction``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """``torch.nn.AdaptiveAvgPool2d`` with the backward of ``AdaptiveAvgPool2dFunction``."""
 

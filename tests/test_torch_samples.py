@@ -52,6 +52,8 @@ FUNCTIONS = {
     "nn.functional.avg_pool2d": MF.avg_pool2d,
     "flatten": MF.flatten,
     "nn.functional.hardswish": MF.hardswish,
+    "nn.functional.hardtanh": MF.hardtanh,
+    "nn.functional.relu6": MF.relu6,
     "nn.functional.hardsigmoid": MF.hardsigmoid,
     "nn.functional.adaptive_avg_pool2d": MF.adaptive_avg_pool2d,
     "nn.functional.group_norm": MF.group_norm,

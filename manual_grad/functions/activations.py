@@ -431,3 +431,42 @@ class HardsigmoidFunction(Function):
         """Forward mode: du = dz / 6 on (-3, 3), 0 outside."""
         (z,) = ctx.saved_tensors
         return torch.where((z > -3) & (z < 3), dz / 6, 0.0)
+
+
+@fast_apply
+class HardtanhFunction(Function):
+    r"""u = clamp(z, lo, hi), element-wise (ReLU6 is lo = 0, hi = 6):
+
+        du/dz = 1 for lo < z < hi, 0 outside (0 at the kinks, as torch's kernel)
+
+    The mask is read from the output u (lo < u < hi exactly where lo < z < hi), so an
+    in-place call, which overwrites z, loses nothing.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, lo: float, hi: float, inplace: bool = False) -> Tensor:
+        return z.clamp_(lo, hi) if inplace else z.clamp(lo, hi)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        z, ctx.lo, ctx.hi, ctx.inplace = inputs
+        if ctx.inplace:
+            ctx.mark_dirty(z)
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (u,) = ctx.saved_tensors
+        return torch.where((u > ctx.lo) & (u < ctx.hi), g, 0.0), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor, *_: None) -> Tensor:
+        """Forward mode: du = dz inside (lo, hi), 0 outside."""
+        (u,) = ctx.saved_tensors
+        du = torch.where((u > ctx.lo) & (u < ctx.hi), dz, 0.0)
+        return dz.copy_(du) if ctx.inplace else du
