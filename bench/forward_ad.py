@@ -51,12 +51,13 @@ def main() -> None:
     for name, theirs, x, y in models():
         ours = manual_grad.convert(theirs).model
         v = {k: torch.randn_like(p) for k, p in theirs.named_parameters()}
-        fns = {
-            "torch.nn jvp": lambda m=theirs: manual_grad.loss_jvp(m, loss_fn, x, y, v),
-            "manual_grad jvp": lambda m=ours: manual_grad.loss_jvp(m, loss_fn, x, y, v),
-            "torch.nn hvp": lambda m=theirs: manual_grad.loss_hvp(m, loss_fn, x, y, v),
-            "manual_grad hvp": lambda m=ours: manual_grad.loss_hvp(m, loss_fn, x, y, v),
-        }
+        def call(helper, model, x=x, y=y, v=v):
+            return lambda: helper(model, loss_fn, x, y, v)
+
+        fns = {"torch.nn jvp": call(manual_grad.loss_jvp, theirs),
+               "manual_grad jvp": call(manual_grad.loss_jvp, ours),
+               "torch.nn hvp": call(manual_grad.loss_hvp, theirs),
+               "manual_grad hvp": call(manual_grad.loss_hvp, ours)}
         with sdpa_kernel(SDPBackend.MATH):
             times = interleaved(fns, cpu, repeats=args.repeats)
         rows.append([name] + [ms(times.median(n)) for n in fns] + [
