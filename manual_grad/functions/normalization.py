@@ -43,6 +43,16 @@ def _xhat_tangent(dx: Tensor, xhat: Tensor, rstd: Tensor, dims: int | tuple[int,
                    - xhat * (dx * xhat).mean(dims, keepdim=True))
 
 
+def _rows_and_tangent(x: Tensor, m: int, eps: float, dx: Tensor | None
+                      ) -> tuple[Tensor, Tensor | None]:
+    """(xhat, dxhat) in x's shape, x normalised in rows of m values (LayerNorm's rows, or
+    GroupNorm's groups); dxhat None without dx."""
+    centred, rstd = _row_stats(x.reshape(-1, m), eps)
+    xhat = centred * rstd
+    dxhat = None if dx is None else _xhat_tangent(dx.reshape(-1, m), xhat, rstd, 1)
+    return xhat.view(x.shape), (None if dxhat is None else dxhat.view(x.shape))
+
+
 def _row_stats(rows: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(centred, rstd) of each row of a (rows, m) tensor: rows - mean, 1 / sqrt(var + eps).
     The sum of squares is a norm, squared: a reduction that makes no squared copy."""
@@ -88,15 +98,9 @@ class LayerNormFunction(Function):
             __: None) -> Tensor:
         """Forward mode: dy = dxhat w + xhat dw + db, dxhat as in backward (per row)."""
         x, w = ctx.saved_tensors
-        m = math.prod(x.shape[x.dim() - ctx.k:])
-        centred, rstd = _row_stats(x.reshape(-1, m), ctx.eps)
-        xhat = centred * rstd
-        dy = None
-        if dx is not None:
-            dy = _xhat_tangent(dx.reshape(-1, m), xhat, rstd, 1).view(x.shape)
-            dy = dy * w if w is not None else dy
-        return tangent_sum(dy, None if dw is None else xhat.view(x.shape) * dw, db,
-                           shape=x.shape)
+        xhat, dxhat = _rows_and_tangent(x, math.prod(x.shape[x.dim() - ctx.k:]), ctx.eps, dx)
+        dy = dxhat * w if dxhat is not None and w is not None else dxhat
+        return tangent_sum(dy, None if dw is None else xhat * dw, db, shape=x.shape)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -249,17 +253,11 @@ class GroupNormFunction(Function):
             __: None) -> Tensor:
         """Forward mode: dy = dxhat w + xhat dw + db, dxhat LayerNorm's line per group."""
         x, w = ctx.saved_tensors
-        N, C = x.shape[:2]
-        shape = (1, C) + (1,) * (x.dim() - 2)
-        rows, m = N * ctx.groups, math.prod(x.shape[1:]) // ctx.groups
-        centred, rstd = _row_stats(x.reshape(rows, m), ctx.eps)
-        xhat = centred * rstd
-        dy = None
-        if dx is not None:
-            dy = _xhat_tangent(dx.reshape(rows, m), xhat, rstd, 1).view(x.shape)
-            dy = dy * w.view(shape) if w is not None else dy
-        return tangent_sum(dy, None if dw is None else xhat.view(x.shape) * dw.view(shape),
-                           None if db is None else db.view(shape).expand_as(x))
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        xhat, dxhat = _rows_and_tangent(x, math.prod(x.shape[1:]) // ctx.groups, ctx.eps, dx)
+        dy = dxhat * w.view(shape) if dxhat is not None and w is not None else dxhat
+        return tangent_sum(dy, None if dw is None else xhat * dw.view(shape),
+                           None if db is None else db.view(shape), shape=x.shape)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
