@@ -526,17 +526,9 @@ def tanh(input: Tensor) -> Tensor:
 
 
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
-    """As ``torch.nn.functional.silu``; ``inplace`` writes the result into ``input``.
-
-    The backward needs the input z, which an in-place call overwrites, so when a gradient
-    may be wanted the Function runs on a copy of z (what torch's autograd keeps for
-    ``silu_`` too) and the result is copied into ``input``."""
-    _floating("silu", input)
-    if not inplace:
-        return SiLUFunction.apply(input)
-    if traced() or (torch.is_grad_enabled() and input.requires_grad):
-        return input.copy_(SiLUFunction.apply(input.clone()))
-    return input.mul_(torch.sigmoid(input))  # no gradient: nothing to keep
+    """As ``torch.nn.functional.silu``; ``inplace`` writes the result into ``input`` (see
+    ``_elementwise_in_place``: the backward needs the z it overwrites)."""
+    return _elementwise_in_place("silu", SiLUFunction, input, inplace)
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
