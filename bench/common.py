@@ -79,12 +79,30 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     return times
 
 
+def cpu_caches() -> str:
+    """The first CPU's caches as Linux lists them ("L1d 48K, L1i 32K, L2 2048K, L3 ..."),
+    or "" where /sys does not say: a CPU figure here depends on them."""
+    found = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip()
+                                 for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        found.append(f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"
+                     f" {size}")
+    return ", ".join(found)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
         cpu = platform.processor() or platform.machine()
         what = f"{cpu} CPU, {torch.get_num_threads()} threads"
+        caches = cpu_caches()
+        if caches:
+            what += f" (caches per core or shared: {caches})"
         if MALLOC_KEEPS_FREED:
             what += ", malloc keeps freed memory"
     return f"{what}; torch {torch.__version__}; {date.today().isoformat()}"

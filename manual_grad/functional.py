@@ -6,6 +6,9 @@ error that names the layer, the shapes or dtypes involved, and the fix.
 """
 
 import math
+import os
+import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -52,6 +55,7 @@ from manual_grad.functions._constants import _HALF
 from manual_grad.functions._fast_apply import traced
 from manual_grad.functions.losses import REDUCTIONS
 from manual_grad.functions.normalization import centred_stats
+from manual_grad.functions.single_pass import cut_up
 
 # Whether autocast is on for any device: one C call (~0.1 us on a 2-core CPU), against
 # ~0.6 us for torch.is_autocast_enabled(t.device.type), which makes a device object. The
@@ -292,6 +296,63 @@ def _with_grads(*tensors: Tensor | None) -> tuple[bool, ...] | None:
     return flags if any(flags) else None
 
 
+# The single-pass losses sum their gradients in the forward pass, chunk by chunk, so that a
+# large batch is read once rather than twice: a gain where memory is slow next to the
+# arithmetic (this project's 2-core VM: 0.44x native for the seed's work), a loss where the
+# batch fits in cache (a VM with 260 MiB of L3: 1.87x). Which holds is measured, not
+# assumed: the first call for a shape, dtype, device and thread count times both ways and
+# keeps the faster for the rest of the process. "always" or "never" (also from the
+# environment variable MANUAL_GRAD_SINGLE_PASS) skips the measurement.
+SINGLE_PASS = os.environ.get("MANUAL_GRAD_SINGLE_PASS", "auto")
+_single_pass_choice: dict[tuple, bool] = {}
+
+
+def single_pass_pays(key: tuple, single: Callable[..., Tensor], plain: Callable[..., Tensor],
+                     tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether ``single(*tensors)`` is to be taken over ``plain(*tensors)`` (the same loss,
+    and the same gradients): SINGLE_PASS, or the measured choice for ``key``."""
+    if SINGLE_PASS != "auto":
+        return SINGLE_PASS == "always"
+    choice = _single_pass_choice.get(key)
+    if choice is None:
+        choice = _single_pass_choice[key] = _no_slower(single, plain, tensors)
+    return choice
+
+
+def _no_slower(single: Callable[..., Tensor], plain: Callable[..., Tensor],
+               tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether single's forward and backward take no longer than plain's: the best of three
+    calls each, taken in turn after one of each to warm up, on detached copies (the
+    caller's tensors get no gradient from it)."""
+    copies = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad)
+                   for t in tensors)
+    wanted = [t for t in copies if t is not None and t.requires_grad]
+    device = next(t for t in copies if t is not None).device
+
+    def seconds(fn: Callable[..., Tensor]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.autograd.grad(fn(*copies), wanted)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    best = {single: math.inf, plain: math.inf}
+    for turn in range(4):
+        for fn in (single, plain) if turn % 2 else (plain, single):
+            t = seconds(fn)
+            if turn:  # (the first turn warms up)
+                best[fn] = min(best[fn], t)
+    return best[single] <= best[plain]
+
+
+def _plain_linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None,
+                                target: Tensor, reduction: str) -> Tensor:
+    """linear_relu_mse_loss as three layers (the plain path; checked arguments)."""
+    return mse_loss(relu(linear(input, weight, bias)), target, reduction=reduction)
+
+
 def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                          reduction: str = "mean") -> Tensor:
     """``mse_loss(relu(linear(input, weight, bias)), target, reduction=reduction)``, the
@@ -299,7 +360,8 @@ def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, tar
     each chunk of ``input`` is in cache: one pass over the input instead of two.
 
     input: (n, in_features); target: (n, out_features), or (n,) when out_features is 1;
-    reduction 'mean' or 'sum'. Under autocast it runs as the three separate layers.
+    reduction 'mean' or 'sum'. Under autocast it runs as the three separate layers, and
+    so it does where that was measured faster (see SINGLE_PASS).
     """
     layer = "linear_relu_mse_loss"
     if _autocast_dtype(input) is not None:  # linear in the autocast dtype, the loss in fp32
@@ -308,8 +370,20 @@ def linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, tar
         return mse_loss(output, target, reduction=reduction)
     input, weight, bias = _linear_args(layer, input, weight, bias)
     target = _single_pass_checks(layer, input, weight.shape[0], target, reduction)
-    return LinearReLUMSELossFunction.apply(input, weight, bias, target, reduction,
-                                           _with_grads(input, weight, bias, target))[0]
+    with_grads = _with_grads(input, weight, bias, target)
+
+    def single(*tensors: Tensor | None) -> Tensor:
+        return LinearReLUMSELossFunction.apply(*tensors, reduction, with_grads)[0]
+
+    def plain(*tensors: Tensor | None) -> Tensor:
+        return _plain_linear_relu_mse_loss(*tensors, reduction)
+
+    tensors = (input, weight, bias, target)
+    if with_grads is not None and cut_up(input, len(input)) and not single_pass_pays(
+            (layer, input.shape, weight.shape, input.dtype, input.device, reduction,
+             with_grads, torch.get_num_threads()), single, plain, tensors):
+        return plain(*tensors)
+    return single(*tensors)
 
 
 def mlp_mse_loss(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: Tensor,
@@ -343,6 +417,16 @@ def mlp_mse_loss(input: Tensor, weight1: Tensor, bias1: Tensor | None, weight2: 
                           bias1 is not None and bias1.requires_grad, weight2.requires_grad,
                           bias2 is not None and bias2.requires_grad, target.requires_grad)
         try:
+            if with_grads is not None and cut_up(input, len(input)):
+                tensors = (input, weight1, bias1, weight2, bias2, target)
+                if not single_pass_pays(
+                        ("mlp_mse_loss", input.shape, weight1.shape, weight2.shape,
+                         input.dtype, input.device, reduction, with_grads,
+                         torch.get_num_threads()),
+                        lambda *t: MLPMSELossFunction.apply(*t, reduction, with_grads)[0],
+                        lambda *t: mse_loss(mlp(*t[:5]), t[5], reduction=reduction),
+                        tensors):
+                    return mse_loss(mlp(*tensors[:5]), target, reduction=reduction)
             return MLPMSELossFunction.apply(input, weight1, bias1, weight2, bias2, target,
                                             reduction, with_grads)[0]
         except RuntimeError:

@@ -536,3 +536,60 @@ def test_seed_loss_in_blocks_of_a_strided_input_and_two_devices(blocks):
     W = W.detach().to("meta").requires_grad_()
     with pytest.raises(RuntimeError, match=r"device"):
         MF.linear_relu_mse_loss(x.detach(), W, b, y)
+
+
+# --- the single pass is chosen by measurement, per shape, never assumed ------------------
+
+# rows of 784 float64s in one thread's chunk: a batch of 4 x this is cut up
+CHUNK_ROWS = single_pass.CHUNK_BYTES // (784 * 8)
+
+
+def test_single_pass_or_plain_is_measured_once_per_shape_and_kept(monkeypatch):
+    monkeypatch.setattr(MF, "SINGLE_PASS", "auto")
+    monkeypatch.setattr(MF, "_single_pass_choice", {})
+    measured = []
+    real = MF._no_slower
+
+    def count(single, plain, tensors):
+        measured.append(tuple(t.shape for t in tensors if t is not None))
+        return real(single, plain, tensors)
+
+    monkeypatch.setattr(MF, "_no_slower", count)
+    # a batch cut into chunks (~2 MB of rows a thread): the case the choice is about
+    x = torch.randn(4 * (CHUNK_ROWS + 1), 784)
+    W = torch.randn(1, 784, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    y = torch.randn(len(x))
+    for _ in range(3):
+        MF.linear_relu_mse_loss(x, W, b, y).backward()
+    MF.linear_relu_mse_loss(x[:64], W, b, y[:64]).backward()  # one chunk: nothing to time
+    assert measured == [(x.shape, W.shape, b.shape, (len(x), 1))]
+    assert W.grad is not None  # (3 steps' gradients, the measurement added none)
+
+
+@pytest.mark.parametrize("faster", ["single", "plain"])
+def test_either_choice_gives_the_same_loss_and_gradients(monkeypatch, faster):
+    monkeypatch.setattr(MF, "SINGLE_PASS", "auto")
+    monkeypatch.setattr(MF, "_single_pass_choice", {})
+    monkeypatch.setattr(MF, "_no_slower", lambda *_: faster == "single")
+    torch.manual_seed(0)
+    x = torch.randn(4 * (CHUNK_ROWS + 1), 784, dtype=torch.float64)
+    y = torch.randn(len(x), 3, dtype=torch.float64)
+    W, b = torch.randn(3, 784, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    results = []
+    for fn in (lambda *t: MF.linear_relu_mse_loss(*t), torch_loss):
+        args = [t.clone().requires_grad_() for t in (x, W, b, y)]
+        loss = fn(*args)
+        results.append((loss, torch.autograd.grad(loss, args)))
+    torch.testing.assert_close(results[0], results[1])
+    layer = manual_grad.FusedMLP(784, 8, 3, dtype=torch.float64)
+    theirs = torch.nn.Sequential(torch.nn.Linear(784, 8), torch.nn.ReLU(),
+                                 torch.nn.Linear(8, 3)).double()
+    theirs.load_state_dict(layer.state_dict())
+    loss = layer.mse_loss(x, y)
+    loss.backward()
+    expected = torch.nn.functional.mse_loss(theirs(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for p, q in zip(layer.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)

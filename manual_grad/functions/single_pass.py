@@ -78,6 +78,13 @@ def _blocks_and_chunk(x: Tensor, n: int) -> tuple[int, int]:
     return blocks, max(1, -(-m // chunks))
 
 
+def cut_up(x: Tensor, n: int) -> bool:
+    """Whether a batch of n rows like x's is summed in more than one block or chunk: the
+    case where reading it once instead of twice can pay, or not (functional.SINGLE_PASS)."""
+    blocks, step = _blocks_and_chunk(x, n)
+    return blocks > 1 or step < n
+
+
 def _plan(x: Tensor, n: int, *tensors: Tensor | None) -> tuple["_Blocks", int, int]:
     """(the blocks' products, rows per block, rows per block in a chunk) for a batch of n
     rows like x's, computed with ``tensors`` (checked to share a device when batched)."""
