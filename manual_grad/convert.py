@@ -2,7 +2,6 @@
 and report truthfully what still runs on torch's own gradients."""
 
 import copy
-import math
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -44,8 +43,8 @@ UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
     if m.inplace and m.negative_slope < 0 else None,
 }
 
-# torch.nn layers that read their children's parameters rather than calling them, and
-# their manual_grad counterparts
+# torch.nn layers that read their children's parameters rather than calling them (their
+# manual_grad subclasses too)
 CALLS_CHILDREN = (nn.MultiheadAttention,)
 
 # modules that are not layers: containers, and nn.Identity (it hands its input on)
@@ -82,7 +81,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     children and parameters of their own (MultiheadAttention, whose in_proj_weight is
     its own); not a parametrization's own modules, nor anything inside a fused block. A
     model's own composite modules are not layers, though they may hold parameters (a
-    ViT's class_token): ``Conversion.native`` lists those."""
+    ViT's class_token): ``Conversion.outside`` lists those."""
     layers: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, module in model.named_modules():
@@ -145,16 +144,20 @@ class Conversion(NamedTuple):
                              f"{owner or '<root>'}"
         return out
 
-    def coverage(self) -> tuple[float, float]:
-        """(share of the layers' trainable parameter elements, share of layers) with
-        hand-derived gradients."""
+    def _counts(self) -> tuple[int, int, int, int]:
+        """(hand-derived trainable parameter elements of the layers, all of them,
+        hand-derived layers, all layers)."""
         layers = _layers(self.model)
         sizes = [(_is_manual(m), p.numel()) for m in layers.values() for p in m.parameters()
                  if p.requires_grad]
-        total = sum(n for _, n in sizes)
-        ours = sum(n for manual, n in sizes if manual)
-        manual = sum(1 for m in layers.values() if _is_manual(m))
-        return (ours / total if total else 1.0), (manual / len(layers) if layers else 1.0)
+        return (sum(n for manual, n in sizes if manual), sum(n for _, n in sizes),
+                sum(1 for m in layers.values() if _is_manual(m)), len(layers))
+
+    def coverage(self) -> tuple[float, float]:
+        """(share of the layers' trainable parameter elements, share of layers) with
+        hand-derived gradients."""
+        ours, total, manual, layers = self._counts()
+        return (ours / total if total else 1.0), (manual / layers if layers else 1.0)
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} layers with manual_grad ones"]
@@ -167,20 +170,20 @@ class Conversion(NamedTuple):
             lines.append(f"  {len(outside)} parameters belong to no layer; the model's own "
                          "ops (torch's) give their gradients:")
             lines += [f"    {name} ({owner})" for name, owner in outside.items()]
-        layers = _layers(self.model)
-        sizes = [(_is_manual(m), p.numel()) for m in layers.values() for p in m.parameters()
-                 if p.requires_grad]
-        share_p, share_l = self.coverage()
+        ours, total, manual, layers = self._counts()
         lines.append(
-            f"hand-derived gradients: {_percent(share_p)} of layer parameters "
-            f"({sum(n for manual, n in sizes if manual):,} of {sum(n for _, n in sizes):,}), "
-            f"{round(share_l * len(layers))} of {len(layers)} layers ({_percent(share_l)})")
+            f"hand-derived gradients: {_percent(ours, total)} of layer parameters "
+            f"({ours:,} of {total:,}), {manual} of {layers} layers "
+            f"({_percent(manual, layers)})")
         return "\n".join(lines)
 
 
-def _percent(share: float) -> str:
-    """share as a percentage with one decimal, rounded down: 100.0% only when it is all."""
-    return f"{math.floor(share * 1000) / 10:.1f}%"
+def _percent(part: int, whole: int) -> str:
+    """part of whole as a percentage with one decimal; 100.0% only when it is all (a share
+    that would round up to it reads 99.9%)."""
+    if part == whole:
+        return "100.0%"
+    return f"{min(100 * part / whole, 99.9):.1f}%"
 
 
 def _fused_class(module: nn.Module) -> type[nn.Module] | None:

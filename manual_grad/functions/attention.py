@@ -197,7 +197,7 @@ class ScaledDotProductAttentionFunction(Function):
                 do = tangent_sum(do, (p if keep_c is None else p * keep_c) @ dv)
             chunks.append(do)
         do = chunks[0] if len(chunks) == 1 else torch.cat(chunks, -2)
-        return do.expand(ctx.out_shape) if do.shape != ctx.out_shape else do, None
+        return tangent_sum(do, shape=ctx.out_shape), None
 
     @staticmethod
     def backward(ctx: Any, g: Tensor, _g_weights: Any) -> tuple[Tensor | None, ...]:
