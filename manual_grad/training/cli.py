@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch.distributed as dist
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from manual_grad.training.checkpoint_io import CheckpointError, check_checkpoint
@@ -32,5 +33,12 @@ class CLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> CLI:
     """Run ``train.py`` with ``args`` (default: the command line)."""
-    return CLI(DigitModel, MNISTDataModule, subclass_mode_model=True,
-               seed_everything_default=0, args=args)
+    cli = CLI(DigitModel, MNISTDataModule, subclass_mode_model=True,
+              seed_everything_default=0, args=args)
+    # Lightning leaves a DDP run's process group alive; left to the interpreter's exit,
+    # gloo's worker threads can abort the process (SIGABRT, "terminate called without an
+    # active exception"). Destroyed here, on success only: after an error another rank may
+    # still be inside a collective, and destroying would hang it.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return cli
