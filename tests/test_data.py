@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from manual_grad.training import MNISTDataModule, ResidentLoader
+from manual_grad.training import MNISTDataModule, ResidentLoader, RunError
 from manual_grad.training.idx import IDXError
 
 
@@ -41,7 +41,7 @@ def test_corrupt_file_is_reported_by_name(tiny_mnist):
 
 def test_val_size_that_leaves_nothing_to_train_on(tiny_mnist):
     dm = MNISTDataModule(data_dir=str(tiny_mnist), val_size=96, download=False)
-    with pytest.raises(ValueError, match="val_size=96 leaves no training images out of 96"):
+    with pytest.raises(RunError, match="val_size=96 leaves no training images out of 96"):
         dm.setup("fit")
 
 

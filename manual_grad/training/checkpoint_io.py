@@ -49,9 +49,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
                   if torch.is_tensor(value) and value.is_floating_point()
                   and not bool(torch.isfinite(value).all())]
         if broken:
-            rank_zero_warn(
-                f"not saving {path}: {', '.join(broken[:3])} hold NaN or Inf; the last good "
-                "checkpoint stays as it was. Lower the learning rate and resume from it.")
+            kept = (f"the file already at {path} is unchanged" if Path(path).is_file()
+                    else "no checkpoint was written")
+            rank_zero_warn(f"not saving {path}: {', '.join(broken[:3])} hold NaN or Inf; "
+                           f"{kept}. Lower the learning rate.")
             return
         super().save_checkpoint(checkpoint, path, storage_options)
 

@@ -18,6 +18,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from manual_grad.training.callbacks import RunError
 from manual_grad.training.idx import IDXError, read_idx_pair
 
 SPLIT_FILES = {"train": "train", "test": "t10k"}
@@ -256,14 +257,29 @@ class MNISTDataModule(L.LightningDataModule):
         val_size = self.hparams.val_size
         if val_size >= len(x):
             if self.source != "digits":
-                raise ValueError(f"data.val_size={val_size} leaves no training images "
-                                 f"out of {len(x)}; choose a smaller val_size")
-            val_size = len(x) // 5  # the 8x8 digits are too few for MNIST's 10,000
+                raise RunError(f"data.val_size={val_size} leaves no training images out "
+                               f"of {len(x)}; choose a smaller --data.val_size")
+            shrunk = len(x) // 5  # the 8x8 digits are too few for MNIST's 10,000
+            warnings.warn(f"data.val_size={val_size} is more than the {len(x)} training images "
+                          f"of the 8x8 digits hold: validating on their last {shrunk} "
+                          "instead (set data.val_size below that to choose)",
+                          UserWarning, stacklevel=2)
+            val_size = shrunk
         train = x[:-val_size].flatten(1)
         # one mean and one std over every training pixel, as in the seed
         self.mean, self.std = train.mean().item(), train.std().item()
         self.splits["train"] = self._prepare(x[:-val_size], y[:-val_size])
         self.splits["val"] = self._prepare(x[-val_size:], y[-val_size:])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: which data the run trained on (train.py refuses to
+        resume it on other data)."""
+        return {"source": self.source}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("source")
+        if saved is not None and saved != self.source:
+            raise ValueError(f"this checkpoint was trained on {saved} data, not {self.source}")
 
     def _loader(self, split: str, shuffle: bool, group: int = 1) -> Any:
         x, y = self.splits[split]

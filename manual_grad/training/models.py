@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.precision import (
 )
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 import manual_grad
@@ -151,7 +151,9 @@ class DigitModel(L.LightningModule):
             first = self.global_step - len(losses)
             for i, value in enumerate(per_step.tolist()):
                 self.logger.log_metrics({f"train_{self.metric}_step": value}, step=first + i)
-        return None
+        # for callbacks (the stop on a non-finite loss); Lightning does not backpropagate
+        # what a manually optimised step returns
+        return {"step_losses": per_step}
 
     def on_train_start(self) -> None:
         # a new fit has a new optimiser (capture again) and maybe another device
@@ -254,11 +256,58 @@ class DigitModel(L.LightningModule):
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         if type(plugin) in (DoublePrecision, HalfPrecision):
             plugin.convert_module(self)
+        self._restore_epoch_sums(checkpoint)
+        self._use_configured_hyperparameters(checkpoint)
+
+    def _use_configured_hyperparameters(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run steps with the optimiser settings it is given now (lr, momentum...),
+        not those saved in the checkpoint, which Lightning would otherwise restore over them:
+        "lower the learning rate and resume" must lower it. The optimiser's state (momentum
+        buffers) is kept. With an LR scheduler the saved rates stand: the schedule sets them.
+        """
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) != 1 or checkpoint.get("lr_schedulers"):
+            return
+        fresh = self.optimizer_factory(self.parameters()).param_groups
+        saved = states[0].get("param_groups", [])
+        if len(saved) != len(fresh):
+            return
+        changed = {}
+        for now, then in zip(fresh, saved, strict=True):
+            for key, value in now.items():
+                if key != "params" and key in then and then[key] != value:
+                    changed[key] = (then[key], value)
+                    then[key] = value
+        if changed:
+            rank_zero_info("manual_grad: resuming with the optimiser settings given now: " +
+                           ", ".join(f"{k}={new!r} (the checkpoint had {old!r})"
+                                     for k, (old, new) in changed.items()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint saved mid-epoch (Ctrl-C, every_n_train_steps) carries the epoch's
+        # running sums: the resumed run's epoch means are then over every sample of the
+        # epoch, not only over those trained after the resume
+        if "train" in self._epoch_sums:
+            checkpoint["manual_grad_epoch_sums"] = {
+                "epoch": self.current_epoch,
+                "train": {name: [total, count]
+                          for name, (total, count) in self._epoch_sums["train"].items()}}
+
+    def _restore_epoch_sums(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("manual_grad_epoch_sums")
+        self._restored_epoch = None
+        if saved:
+            self._epoch_sums["train"] = {name: (total.to(self.device), int(count))
+                                         for name, (total, count) in saved["train"].items()}
+            self._restored_epoch = saved["epoch"]
 
     # each stage starts from zero: an epoch cut short (an exception, Ctrl-C in a notebook)
-    # must not leave its partial sums to the next one
+    # must not leave its partial sums to the next one; an epoch resumed from a checkpoint
+    # starts from the sums the checkpoint saved
     def on_train_epoch_start(self) -> None:
-        self._epoch_sums.pop("train", None)
+        if getattr(self, "_restored_epoch", None) != self.current_epoch:
+            self._epoch_sums.pop("train", None)
+        self._restored_epoch = None
 
     def on_validation_epoch_start(self) -> None:
         self._epoch_sums.pop("val", None)
