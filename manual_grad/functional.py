@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from manual_grad import _compat
 from manual_grad.functions import (
     AdaptiveAvgPool2dFunction,
     AvgPool2dFunction,
@@ -61,7 +62,7 @@ from manual_grad.functions.single_pass import cut_up
 # ~0.6 us for torch.is_autocast_enabled(t.device.type), which makes a device object. The
 # usual-case checks below use it and leave anything under autocast to the full checks,
 # which ask about the input's own device.
-_any_autocast = torch._C._is_any_autocast_enabled
+_any_autocast = _compat.any_autocast
 
 # The entry points on a training step's path (linear, relu, mse_loss, the fused blocks)
 # call their Function's eager twin themselves unless traced() (see functions/_fast_apply).
@@ -157,7 +158,7 @@ def _can_read_values(t: Tensor) -> bool:
     while torch.compile traces (no values exist), nor inside torch.func transforms (they
     are batched)."""
     return not t.is_meta and not torch.compiler.is_compiling() and \
-        not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        not _compat.is_functorch_wrapped(t)
 
 
 def _same_device(layer: str, **tensors: Tensor | None) -> None:
@@ -543,7 +544,7 @@ def mse_loss(
             return MSELossFunction.apply(input, target, reduction)
         return MSELossFunction._eager_apply(input, target, reduction)
     if size_average is not None or reduce is not None:
-        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        reduction = _compat.legacy_reduction(size_average, reduce)
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"mse_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}"

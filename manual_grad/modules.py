@@ -11,6 +11,7 @@ the arguments and calls the Function whose backward was derived by hand.
 import torch
 from torch import Tensor, nn
 
+from manual_grad import _compat
 from manual_grad import functional as F
 
 
@@ -19,7 +20,9 @@ def weight_and_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     are registered there: nn.Module's ``__getattr__`` costs ~3 us a read on a 2-core CPU,
     ~1% of a small training step per layer. Pruning, weight_norm and parametrizations
     move a weight out of ``_parameters``; then it is read the usual way."""
-    params = layer._parameters
+    params = _compat.module_parameters(layer)
+    if params is None:  # (the internal is gone: the usual way)
+        return layer.weight, layer.bias
     weight = params.get("weight")
     bias = params["bias"] if "bias" in params else layer.bias
     return (layer.weight if weight is None else weight), bias

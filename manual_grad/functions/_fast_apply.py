@@ -22,13 +22,15 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad import _compat
+
 _torch_apply = Function.__dict__["apply"]  # torch's classmethod: binds, then runs the graph
 
 
 # held here: reaching them through torch's modules on every call made traced() ~40% dearer
 _is_compiling = torch.compiler.is_compiling
-_transforms_active = torch._C._are_functorch_transforms_active
-_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_transforms_active = _compat.transforms_active
+_is_legacy_batched = _compat.is_legacy_batched
 
 
 def traced() -> bool:
@@ -67,7 +69,7 @@ def tangent_sum(*terms: Tensor | None, shape: tuple[int, ...] | None = None) -> 
     return total
 
 
-_dynamo_tracing = torch._guards.TracingContext.try_get  # (None unless torch.compile traces)
+_dynamo_tracing = _compat.dynamo_tracing  # (None unless torch.compile traces)
 
 
 class _JvpOutsideDynamo:
@@ -94,8 +96,7 @@ def _forward_mode_active() -> bool:
     """Whether a tangent may meet a Function: a torch.func transform or a forward-mode
     level is open (then a traced Function shows its jvp, and torch.compile stops there,
     as it must: a graph break, or an error under fullgraph=True)."""
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.autograd.forward_ad._current_level >= 0)
+    return _compat.forward_mode_active()
 
 
 def fast_apply(cls: type[Function]) -> type[Function]:
@@ -137,7 +138,7 @@ def fast_apply(cls: type[Function]) -> type[Function]:
 
     # The graph node calls its class's ``apply``, which in torch looks up the user's
     # backward in Python on every call; the twin's node calls backward directly.
-    twin._backward_cls.apply = cls.backward  # type: ignore[attr-defined]
+    _compat.set_backward_fast_path(twin, cls.backward)
     cls.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
     cls._eager_twin = twin  # type: ignore[attr-defined]
     cls.jvp = _JvpOutsideDynamo(vars(cls)["jvp"].__func__)  # type: ignore[method-assign]

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad import _compat
 from manual_grad.functions._constants import constant
 from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
 
 REDUCTIONS = ("mean", "sum", "none")
-_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's loss kernels take these
 
 
 @fast_apply
@@ -37,7 +37,7 @@ class MSELossFunction(Function):
         # into one temporary, then their reduction), where (u - y).square().mean() takes
         # three and two temporaries (the value is the same up to rounding; the backward
         # below is ours)
-        return torch._C._nn.mse_loss(u, y, _REDUCTION_ENUM[reduction])
+        return _compat.mse_loss_kernel(u, y, _compat.REDUCTION_ENUM[reduction])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

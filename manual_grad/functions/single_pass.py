@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from manual_grad import _compat
 from manual_grad.functions._constants import constant
 from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
 from manual_grad.functions.linear import affine
@@ -204,7 +205,7 @@ def _take_sums(ctx: Any, need: tuple[bool, ...], g: Tensor, n_args: int,
         # all of them times g in one call (one kernel launch on a GPU, no sync to read g)
         present = [t for t in sums if t is not None]
         if present:
-            torch._foreach_mul_(present, g)
+            _compat.foreach_mul_(present, g)
     return (*sums, *(None,) * (n_args - len(sums)))
 
 

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from manual_grad import _compat
 from manual_grad.training.callbacks import RunError
 from manual_grad.training.idx import IDXError, read_idx_pair
 
@@ -290,8 +290,7 @@ class MNISTDataModule(L.LightningDataModule):
             progress = None
             if shuffle and trainer is not None:
                 def progress() -> tuple[int, int]:
-                    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-                    return trainer.current_epoch, done
+                    return trainer.current_epoch, _compat.batches_done(trainer) or 0
             return ResidentLoader(x.to(device), y.to(device), self.hparams.batch_size, shuffle,
                                   self.hparams.seed, rank, world, progress, group)
         if group > 1:
@@ -302,8 +301,7 @@ class MNISTDataModule(L.LightningDataModule):
             # evaluation under DDP: every sample on exactly one rank, as in ResidentLoader.
             # Lightning keeps a DistributedSampler it is given; the one it would put in
             # by default pads the shares with repeated samples.
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank,
-                                                   shuffle=False)
+            sampler = _compat.unrepeated_sampler(dataset, num_replicas=world, rank=rank)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
                           sampler=sampler, pin_memory=device.type == "cuda")
 
