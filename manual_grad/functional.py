@@ -217,7 +217,13 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = input @ weight^T + bias, as ``torch.nn.functional.linear``.
 
     input: (*, in_features), weight: (out_features, in_features), bias: (out_features,).
+    A 1-D weight (in_features,) gives ``input @ weight`` (+ a 0-D bias), of shape (*),
+    as torch's does: the layer with one output, that dimension dropped. (torch takes
+    the bias there only when the input is not 2-D, and so does this.)
     """
+    if weight.dim() == 1 and (bias is None or (bias.dim() == 0 and input.dim() != 2)):
+        one = None if bias is None else bias.reshape(1)
+        return linear(input, weight.unsqueeze(0), one).squeeze(-1)
     args = _linear_args("linear", input, weight, bias)
     return LinearFunction.apply(*args) if traced() else LinearFunction._eager_apply(*args)
 

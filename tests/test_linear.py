@@ -167,8 +167,8 @@ def test_linear_device_mix_is_a_clear_error():
 
 
 def test_linear_bad_weight_and_bias_shapes():
-    with pytest.raises(ValueError, match="weight must be 2-D"):
-        MF.linear(torch.randn(2, 3), torch.randn(3))
+    with pytest.raises(ValueError, match="weight must be 2-D"):  # (1-D is a dot product)
+        MF.linear(torch.randn(2, 3), torch.randn(4, 2, 3))
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\), got \(3,\)"):
         MF.linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(3))
 
@@ -188,3 +188,27 @@ def test_linear_autocast_follows_torch_dtypes():
     y2.float().sum().backward()
     assert ours.weight.grad.dtype == torch.float32  # the parameter's dtype, not bf16
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
+
+def test_a_1d_weight_is_a_dot_product_as_in_torch():
+    # torch 2.15's op_db samples F.linear(x, w) with w of shape (in,): y = x @ w, shape (*)
+    import torch.nn.functional as TF
+
+    import manual_grad.functional as MF
+
+    for shape in [(8, 3), (2, 5, 3), (3,)]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        ours, theirs = MF.linear(x, w), TF.linear(x, w)
+        assert ours.shape == theirs.shape == shape[:-1]
+        torch.testing.assert_close(ours, theirs)
+        assert torch.autograd.gradcheck(MF.linear, (x, w))
+    bias = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(MF.linear(x, w, bias), TF.linear(x, w, bias))
+    assert torch.autograd.gradcheck(MF.linear, (x, w, bias))
+    x2 = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # torch refuses a bias with a 2-D input...
+        TF.linear(x2, w, bias)
+    with pytest.raises(ValueError, match="weight must be 2-D"):  # ...and so do we
+        MF.linear(x2, w, bias)
