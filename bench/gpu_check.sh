@@ -50,7 +50,7 @@ cd "$ROOT"
 fi
 # 3. the benchmarks' CUDA rows
 export BENCH_DEVICES=cuda
-for b in ${BENCHES:-kernel_counts seed_table train_step memory lightning_epoch}; do
+for b in ${BENCHES:-kernel_counts seed_table train_step memory lightning_epoch layers models}; do
   # per-bench arguments: BENCH_ARGS_train_step="--no-compile", BENCH_ARGS_lightning_epoch=...
   args_var="BENCH_ARGS_$b"; args=${!args_var:-}
   [ "$b" = lightning_epoch ] && args=${args:-"--epochs 4"}
