@@ -75,3 +75,12 @@ def _single_pass_always(monkeypatch) -> None:
     from manual_grad import functional
 
     monkeypatch.setattr(functional, "SINGLE_PASS", "always")
+
+
+@pytest.fixture(autouse=True)
+def _formulas_eager(monkeypatch) -> None:
+    """The eager formulas: compiling one (functions/_fuse.py) takes seconds, and a test
+    of a big enough tensor would pay them. tests/test_fuse.py tests the compiled ones."""
+    from manual_grad.functions import _fuse
+
+    monkeypatch.setattr(_fuse, "MODE", "never")

@@ -9,6 +9,7 @@ from torch.autograd import Function
 
 from manual_grad.functions._constants import constant
 from manual_grad.functions._fast_apply import fast_apply, plain_backward
+from manual_grad.functions._fuse import fusable
 
 
 def relu_mask(u: Tensor) -> Tensor:
@@ -255,12 +256,7 @@ class GELUFunction(Function):
 
     @staticmethod
     def forward(z: Tensor, approximate: str = "none") -> Tensor:
-        if approximate == "tanh":
-            t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-            return 0.5 * z * (1 + t)
-        # 0.5 z (1 + erf(z / sqrt 2)), each step in place on the one temporary (the
-        # forward runs without autograd; z itself is never written)
-        return torch.erf(z * _INV_SQRT_2).add_(1).mul_(z).mul_(0.5)
+        return _gelu(z, approximate)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -273,8 +269,8 @@ class GELUFunction(Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         (z,) = ctx.saved_tensors
-        if ctx.approximate == "none" and plain_backward(g):
-            return _gelu_exact_grad_in_place(z, g), None
+        if plain_backward(g):  # the same formula, fused or in place (below)
+            return _gelu_grad(z, g, ctx.approximate), None
         return g * _gelu_slope(z, ctx.approximate), None
 
     @staticmethod
@@ -295,13 +291,37 @@ def _gelu_slope(z: Tensor, approximate: str) -> Tensor:
     return cdf + z * pdf
 
 
-def _gelu_exact_grad_in_place(z: Tensor, g: Tensor) -> Tensor:
+def _gelu_in_place(z: Tensor, approximate: str) -> Tensor:
+    """GELU's value, each step in place on one temporary (z itself is never written)."""
+    if approximate == "tanh":
+        t = torch.tanh((z * z).mul_(0.044715).add_(1).mul_(z).mul_(_SQRT_2_OVER_PI))
+        return t.add_(1).mul_(z).mul_(0.5)
+    return torch.erf(z * _INV_SQRT_2).add_(1).mul_(z).mul_(0.5)
+
+
+@fusable(eager=_gelu_in_place)
+def _gelu(z: Tensor, approximate: str) -> Tensor:
+    """u = z P(z), or its tanh form: the plain formula, compiled where that pays."""
+    if approximate == "tanh":
+        return 0.5 * z * (1 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    return z * 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
+
+
+def _gelu_grad_in_place(z: Tensor, g: Tensor, approximate: str) -> Tensor:
     """g (P(z) + z p(z)), the formula of ``_gelu_slope``, with every step but the first of
     each factor in place: two full-size temporaries where the plain form makes ten (each
     a fresh allocation, ~2x the time at GPT sizes). Only where no graph of the backward
     is wanted (``plain_backward``): in-place steps cannot be differentiated again."""
+    if approximate == "tanh":
+        return g * _gelu_slope(z, approximate)
     zp = (z * z).mul_(-0.5).exp_().mul_(_INV_SQRT_2PI).mul_(z)  # z p(z)
     return torch.erf(z * _INV_SQRT_2).add_(1).mul_(0.5).add_(zp).mul_(g)
+
+
+@fusable(eager=_gelu_grad_in_place)
+def _gelu_grad(z: Tensor, g: Tensor, approximate: str) -> Tensor:
+    """g du/dz, the plain formula, compiled into one loop where that pays (_fuse.py)."""
+    return g * _gelu_slope(z, approximate)
 
 
 @fast_apply
@@ -329,6 +349,8 @@ class SoftmaxFunction(Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         (u,) = ctx.saved_tensors
+        if plain_backward(g):  # the same line, compiled into fused kernels where it pays
+            return _softmax_grad(u, g, ctx.dim), None
         return u * (g - (g * u).sum(ctx.dim, keepdim=True)), None
 
     @staticmethod
@@ -364,6 +386,8 @@ class LogSoftmaxFunction(Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         (u,) = ctx.saved_tensors
+        if plain_backward(g):  # the same line, compiled into fused kernels where it pays
+            return _log_softmax_grad(u, g, ctx.dim), None
         return g - torch.exp(u) * g.sum(ctx.dim, keepdim=True), None
 
     @staticmethod
@@ -371,6 +395,16 @@ class LogSoftmaxFunction(Function):
         """Forward mode: du_i = sum_k ([i == k] - softmax_k) dz_k = dz - sum_k e^u_k dz_k."""
         (u,) = ctx.saved_tensors
         return dz - (torch.exp(u) * dz).sum(ctx.dim, keepdim=True)
+
+
+@fusable()
+def _softmax_grad(u: Tensor, g: Tensor, dim: int) -> Tensor:
+    return u * (g - (g * u).sum(dim, keepdim=True))
+
+
+@fusable()
+def _log_softmax_grad(u: Tensor, g: Tensor, dim: int) -> Tensor:
+    return g - torch.exp(u) * g.sum(dim, keepdim=True)
 
 
 @fast_apply

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply, tangent_sum
+from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
+from manual_grad.functions._fuse import fusable
 
 
 def centred_stats(x: Tensor, dims: tuple[int, ...],
@@ -83,9 +84,7 @@ class LayerNormFunction(Function):
     @staticmethod
     def forward(x: Tensor, k: int, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
         m = math.prod(x.shape[x.dim() - k:])
-        centred, rstd = _row_stats(x.reshape(-1, m), eps)
-        xhat = centred.mul_(rstd).view(x.shape)  # (no autograd here: centred is ours)
-        return _scale_shift(xhat, w, b)
+        return _layer_norm_rows(x.reshape(-1, m), w, b, eps).view(x.shape)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -107,22 +106,69 @@ class LayerNormFunction(Function):
         x, w = ctx.saved_tensors
         need_x, _, need_w, need_b, _ = ctx.needs_input_grad
         m = math.prod(x.shape[x.dim() - ctx.k:])
-        centred, rstd = _row_stats(x.reshape(-1, m), ctx.eps)
-        g_rows, w_row = g.reshape(-1, m), (w.reshape(m) if w is not None else None)
-        gc = g_rows * centred if need_x or need_w else None
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            gcw = gc @ w_row if w_row is not None else gc.sum(1)  # sum of g centred w
-            dxhat = g_rows * w_row if w_row is not None else g_rows.clone()
-            mean_dxhat = dxhat.mean(1, keepdim=True)
-            # rstd dxhat - rstd mean(dxhat) - centred rstd^3 mean(g centred w), in place
-            grad_x = dxhat.sub_(mean_dxhat).mul_(rstd).addcmul_(
-                centred, rstd.pow(3) * (gcw.unsqueeze(1) / -m)).view(x.shape)
-        if need_w:
-            grad_w = (rstd.view(1, -1) @ gc).view(w.shape)
-        if need_b:  # False without bias
-            grad_b = g_rows.sum(0).view(w.shape if w is not None else x.shape[x.dim() - ctx.k:])
+        rows = (x.reshape(-1, m), g.reshape(-1, m), w.reshape(m) if w is not None else None,
+                ctx.eps)
+        if plain_backward(g) and need_x and (need_w or w is None):
+            # the formula below as one function: compiled into fused kernels where that
+            # pays (_fuse.py), else this same eager code
+            grad_x, grad_w, grad_b = _layer_norm_grads(*rows)
+        else:
+            grad_x, grad_w, grad_b = _layer_norm_grads_eager(*rows, need_x, need_w)
+        grad_x = grad_x.view(x.shape) if need_x else None
+        grad_w = grad_w.view(w.shape) if need_w else None
+        grad_b = grad_b.view(w.shape if w is not None else x.shape[x.dim() - ctx.k:]) \
+            if need_b else None
         return grad_x, None, grad_w, grad_b, None
+
+
+def _layer_norm_rows_eager(rows: Tensor, w: Tensor | None, b: Tensor | None,
+                           eps: float) -> Tensor:
+    centred, rstd = _row_stats(rows, eps)
+    xhat = centred.mul_(rstd)  # (no autograd here: centred is ours)
+    return _scale_shift(xhat, w, b)
+
+
+@fusable(eager=_layer_norm_rows_eager)
+def _layer_norm_rows(rows: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm of (n, m) rows: xhat w + b, xhat = (x - mean) / sqrt(var + eps)."""
+    centred = rows - rows.mean(1, keepdim=True)
+    xhat = centred * torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
+    return _scale_shift(xhat, w, b)
+
+
+def _layer_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, eps: float,
+                            need_x: bool = True, need_w: bool = True
+                            ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """LayerNormFunction's three lines for (n, m) rows, in its second form (docstring)."""
+    m = x.shape[1]
+    centred, rstd = _row_stats(x, eps)
+    gc = g * centred if need_x or need_w else None
+    grad_x = grad_w = None
+    if need_x:
+        gcw = gc @ w if w is not None else gc.sum(1)  # sum of g centred w
+        dxhat = g * w if w is not None else g.clone()
+        mean_dxhat = dxhat.mean(1, keepdim=True)
+        # rstd dxhat - rstd mean(dxhat) - centred rstd^3 mean(g centred w), in place
+        grad_x = dxhat.sub_(mean_dxhat).mul_(rstd).addcmul_(
+            centred, rstd.pow(3) * (gcw.unsqueeze(1) / -m))
+    if need_w and w is not None:
+        grad_w = rstd.view(1, -1) @ gc
+    return grad_x, grad_w, g.sum(0)
+
+
+@fusable(eager=_layer_norm_grads_eager)
+def _layer_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, eps: float
+                      ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """LayerNormFunction's three lines for (n, m) rows, in their first form:
+    dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dw = sum g xhat, db = sum g."""
+    centred = x - x.mean(1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
+    xhat = centred * rstd
+    dxhat = g * w if w is not None else g
+    grad_x = rstd * (dxhat - dxhat.mean(1, keepdim=True)
+                     - xhat * (dxhat * xhat).mean(1, keepdim=True))
+    grad_w = (g * xhat).sum(0) if w is not None else None
+    return grad_x, grad_w, g.sum(0)
 
 
 @fast_apply
@@ -193,6 +239,13 @@ class BatchNormFunction(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w, mean, var = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if mean is None and plain_backward(g) and need_x and (need_w or w is None) \
+                and x.numel():
+            # training: the docstring's first form as one function, compiled into fused
+            # kernels where that pays (_fuse.py); else the second form, below
+            grad_x, grad_w, grad_b = _batch_norm_grads(x, g, w, ctx.eps)
+            return grad_x, grad_w, grad_b if need_b else None, None, None, None
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dims = (0, *range(2, x.dim()))
         if mean is None:
@@ -215,6 +268,39 @@ class BatchNormFunction(Function):
         grad_w = (rstd * gc_sum).view(-1) if ctx.needs_input_grad[1] else None
         grad_b = g_sum.view(-1) if ctx.needs_input_grad[2] else None  # False without bias
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _batch_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None,
+                            eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """BatchNormFunction's training lines in their second form (two per-channel sums)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = (0, *range(2, x.dim()))
+    var, _, centred = centred_stats(x, dims)
+    rstd = torch.rsqrt(var + eps)
+    s = rstd * w.view(shape) if w is not None else rstd
+    g_sum = g.sum(dims, keepdim=True)
+    gc_sum = (g * centred).sum(dims, keepdim=True)
+    m = x.numel() // g_sum.numel()
+    grad_x = torch.addcmul(s * g_sum / -m, g, s)  # s g - s sum(g) / m
+    grad_x = grad_x.addcmul_(centred, s * rstd.square() * gc_sum / -m)
+    return grad_x, (rstd * gc_sum).view(-1) if w is not None else None, g_sum.view(-1)
+
+
+@fusable(eager=_batch_norm_grads_eager)
+def _batch_norm_grads(x: Tensor, g: Tensor, w: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """BatchNormFunction's training lines in their first form, means per channel:
+    dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), dw = sum g xhat, db = sum g."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = (0, *range(2, x.dim()))
+    centred = x - x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    xhat = centred * rstd
+    dxhat = g * w.view(shape) if w is not None else g
+    grad_x = rstd * (dxhat - dxhat.mean(dims, keepdim=True)
+                     - xhat * (dxhat * xhat).mean(dims, keepdim=True))
+    grad_w = (g * xhat).sum(dims) if w is not None else None
+    return grad_x, grad_w, g.sum(dims)
 
 
 @fast_apply
@@ -263,24 +349,57 @@ class GroupNormFunction(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
         need_x, _, need_w, need_b, _ = ctx.needs_input_grad
-        N, C = x.shape[:2]
-        shape = (1, C) + (1,) * (x.dim() - 2)
-        rows, m = N * ctx.groups, math.prod(x.shape[1:]) // ctx.groups
-        centred, rstd = _row_stats(x.reshape(rows, m), ctx.eps)
-        xhat = (centred * rstd).view(x.shape)
-        dims = (0, *range(2, x.dim()))
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            dxhat = (g * w.view(shape) if w is not None else g).reshape(rows, m)
-            xhat_rows = xhat.reshape(rows, m)
-            mean_dxhat = dxhat.mean(1, keepdim=True)
-            mean_dxhat_xhat = (dxhat * xhat_rows).mean(1, keepdim=True)
-            grad_x = (rstd * (dxhat - mean_dxhat - xhat_rows * mean_dxhat_xhat)).view(x.shape)
-        if need_w:
-            grad_w = (g * xhat).sum(dims)
-        if need_b:
-            grad_b = g.sum(dims)
-        return grad_x, None, grad_w, grad_b, None
+        if plain_backward(g) and need_x and (need_w or w is None) and x.numel():
+            # the lines below as one function, compiled into fused kernels where that
+            # pays (_fuse.py); else these same lines
+            grad_x, grad_w, grad_b = _group_norm_grads(x, g, w, ctx.groups, ctx.eps)
+        else:
+            grad_x, grad_w, grad_b = _group_norm_grads_eager(x, g, w, ctx.groups, ctx.eps,
+                                                             need_x, need_w, need_b)
+        return grad_x, None, grad_w, grad_b if need_b else None, None
+
+
+def _group_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
+                            eps: float, need_x: bool = True, need_w: bool = True,
+                            need_b: bool = True) -> tuple[Tensor | None, ...]:
+    """GroupNormFunction's three lines (its docstring), each only when needed."""
+    N, C = x.shape[:2]
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    rows, m = N * groups, math.prod(x.shape[1:]) // groups
+    centred, rstd = _row_stats(x.reshape(rows, m), eps)
+    xhat = (centred * rstd).view(x.shape)
+    dims = (0, *range(2, x.dim()))
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        dxhat = (g * w.view(shape) if w is not None else g).reshape(rows, m)
+        xhat_rows = xhat.reshape(rows, m)
+        mean_dxhat = dxhat.mean(1, keepdim=True)
+        mean_dxhat_xhat = (dxhat * xhat_rows).mean(1, keepdim=True)
+        grad_x = (rstd * (dxhat - mean_dxhat - xhat_rows * mean_dxhat_xhat)).view(x.shape)
+    if need_w and w is not None:
+        grad_w = (g * xhat).sum(dims)
+    if need_b:
+        grad_b = g.sum(dims)
+    return grad_x, grad_w, grad_b
+
+
+@fusable(eager=_group_norm_grads_eager)
+def _group_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
+                      eps: float) -> tuple[Tensor | None, ...]:
+    """GroupNormFunction's three lines, as its docstring writes them, per (sample, group)."""
+    N, C = x.shape[:2]
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    dims = (0, *range(2, x.dim()))
+    rows = x.reshape(N * groups, -1)
+    centred = rows - rows.mean(1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
+    xhat = (centred * rstd).view(x.shape)
+    dxhat = (g * w.view(shape) if w is not None else g).reshape(N * groups, -1)
+    xhat_rows = xhat.reshape(N * groups, -1)
+    grad_x = rstd * (dxhat - dxhat.mean(1, keepdim=True)
+                     - xhat_rows * (dxhat * xhat_rows).mean(1, keepdim=True))
+    grad_w = (g * xhat).sum(dims) if w is not None else None
+    return grad_x.view(x.shape), grad_w, g.sum(dims)
 
 
 @fast_apply

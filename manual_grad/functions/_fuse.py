@@ -1,0 +1,108 @@
+"""A hand-written formula, compiled into fused kernels where that is measured to pay.
+
+Written as torch ops, an element-wise formula such as GELU's slope P(z) + z p(z) makes
+one full pass over memory per op, where torch's own backward is one fused kernel: on
+the CPU that is the whole difference between them (GELU at GPT sizes: 3-5x torch's time
+eager, 0.9x compiled; docs/performance.md). ``torch.compile`` of the very same formula
+fuses its ops into one loop. The formula stays the one written here; only its
+execution changes.
+
+Whether it pays depends on the machine and the size, so it is chosen at run time
+(``MODE``, or the environment variable ``MANUAL_GRAD_FUSE``):
+
+- ``"auto"`` (default): the first call for a device, dtype and thread count compiles the
+  formula (a few seconds, once per process) and times it against the eager formula on
+  the call's own inputs; the faster is kept for that key. A failed compile (no C++
+  compiler, say) keeps the eager formula, with one warning.
+- ``"always"``: compiled wherever it applies; ``"never"``: always eager.
+
+It applies only to tensors of at least ``MIN_ELEMENTS`` elements, and never where the
+eager formula is required: while torch.compile or a torch.func transform traces (they
+see the formula itself), when a graph of the backward is wanted (double backward), or
+for tensor subclasses and the meta device.
+"""
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from manual_grad.functions._fast_apply import traced
+
+MODE = os.environ.get("MANUAL_GRAD_FUSE", "auto")
+MIN_ELEMENTS = 1 << 17  # below ~128K elements a compiled call's overhead outweighs the gain
+_DEVICES = ("cpu", "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Fusable:
+    """``fn``, a pure formula of tensors (and constants), run compiled or eagerly.
+
+    ``eager``, if given, computes the same values with the same arguments, written for
+    eager speed (in place, fewer temporaries); it runs wherever the compiled formula
+    does not. Without it the formula itself runs eagerly."""
+
+    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None) -> None:
+        self.fn = fn
+        self.eager = eager or fn
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+        self.compiled: Callable[..., Any] | None = None
+        self.choices: dict[tuple, bool] = {}  # (device type, dtype, threads) -> compiled?
+        self.failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        t = next(a for a in args if isinstance(a, Tensor))
+        if not self.applies(t):
+            return self.eager(*args)
+        key = (t.device.type, t.dtype, torch.get_num_threads())
+        choice = self.choices.get(key)
+        if choice is None:
+            choice = self.choices[key] = self._choose(t.device, args)
+        return self.compiled(*args) if choice else self.eager(*args)
+
+    def applies(self, t: Tensor) -> bool:
+        return (MODE != "never" and not self.failed and t.numel() >= MIN_ELEMENTS
+                and type(t) is Tensor and t.device.type in _DEVICES
+                and not torch.is_grad_enabled() and not traced())
+
+    def _compile(self) -> bool:
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        return True
+
+    def _choose(self, device: torch.device, args: tuple) -> bool:
+        try:
+            self._compile()
+            self.compiled(*args)  # compiles now
+        except Exception as err:  # no compiler, an unsupported op: the eager formula
+            self.failed = True
+            warnings.warn(f"manual_grad: compiling {self.__name__} failed ({type(err).__name__}"
+                          f": {str(err).strip().splitlines()[0][:200]}); it runs eagerly "
+                          "(set MANUAL_GRAD_FUSE=never to skip the attempt)", stacklevel=3)
+            return False
+        if MODE == "always":
+            return True
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(3):
+            for compiled in (False, True):
+                run = self.compiled if compiled else self.eager
+                _sync(device)
+                start = time.perf_counter()
+                run(*args)
+                _sync(device)
+                times[compiled].append(time.perf_counter() - start)
+        return statistics.median(times[True]) < statistics.median(times[False])
+
+
+def fusable(eager: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], Fusable]:
+    """Decorator of a formula: see the module's docstring and :class:`Fusable`."""
+    return lambda fn: Fusable(fn, eager)
