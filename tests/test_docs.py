@@ -129,9 +129,9 @@ def fix_links() -> None:
     for doc in DOCS:
         text = doc.read_text()
 
-        def now(m: re.Match) -> str:
+        def now(m: re.Match, folder: Path = doc.parent) -> str:
             name, file = m.group(1), m.group(2)
-            found = span((doc.parent / file).resolve(), name)
+            found = span((folder / file).resolve(), name)
             return m.group(0) if found is None else \
                 f"[`{name}`]({file}#L{found[0]}-L{found[1]})"
 
