@@ -55,7 +55,7 @@ from manual_grad.functions import (
 from manual_grad.functions._constants import _HALF
 from manual_grad.functions._fast_apply import traced
 from manual_grad.functions.losses import REDUCTIONS
-from manual_grad.functions.normalization import centred_stats
+from manual_grad.functions.normalization import batch_stats
 from manual_grad.functions.single_pass import cut_up
 
 # Whether autocast is on for any device: one C call (~0.1 us on a 2-core CPU), against
@@ -794,9 +794,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if training:
         if running_mean is not None and input.numel():  # an empty batch moves nothing
             with torch.no_grad():
-                var, mean, _ = centred_stats(x, (0, *range(2, x.dim())), correction=1)
-                running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
-                running_var.lerp_(var.view(-1).to(running_var.dtype), momentum)
+                mean, var = batch_stats(x)
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(var.to(running_var.dtype), momentum)
         out = BatchNormFunction.apply(x, weight, bias, None, None, eps)
     else:
         if half:

@@ -2,6 +2,8 @@
 and torch.nn give, forward and backward, and the choice between them is made at run time
 and kept per device, dtype and thread count."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -19,10 +21,13 @@ LAYERS = {
     "LogSoftmax": (lambda: nn.LogSoftmax(-1), BIG, [activations._log_softmax_grad]),
     "LayerNorm": (lambda: nn.LayerNorm(256), BIG,
                   [normalization._layer_norm_rows, normalization._layer_norm_grads]),
+    "LayerNorm-2d-shape": (lambda: nn.LayerNorm((64, 256)), BIG,
+                           [normalization._layer_norm_rows, normalization._layer_norm_grads]),
     "LayerNorm-no-affine": (lambda: nn.LayerNorm(256, elementwise_affine=False), BIG,
                             [normalization._layer_norm_grads]),
     "BatchNorm2d": (lambda: nn.BatchNorm2d(16), (8, 16, 48, 48),
-                    [normalization._batch_norm_grads]),
+                    [normalization._batch_norm_train, normalization.batch_stats,
+                     normalization._batch_norm_grads]),
     "GroupNorm": (lambda: nn.GroupNorm(4, 16), (8, 16, 48, 48),
                   [normalization._group_norm_grads]),
 }
@@ -40,13 +45,12 @@ def test_compiled_formulas_match_torch_and_the_eager_ones(name, dtype, monkeypat
     results = {}
     for mode in ("never", "always", "torch"):
         monkeypatch.setattr(_fuse, "MODE", "never" if mode == "torch" else mode)
-        layer = theirs if mode == "torch" else ours
+        layer = copy.deepcopy(theirs if mode == "torch" else ours)  # the same buffers each
         xi = x.clone().requires_grad_()
         out = layer(xi)
         out.backward(g)
-        results[mode] = [out.detach(), xi.grad, *(p.grad.clone() for p in layer.parameters())]
-        for p in layer.parameters():
-            p.grad = None
+        results[mode] = [out.detach(), xi.grad, *(p.grad.clone() for p in layer.parameters()),
+                         *(b for b in layer.buffers() if b.is_floating_point())]
     for f in formulas:  # the compiled forms ran
         assert f.choices.get(("cpu", dtype, torch.get_num_threads())) is True, f
     # float64: the same numbers to rounding; float32: to its precision relative to the

@@ -84,7 +84,8 @@ class LayerNormFunction(Function):
     @staticmethod
     def forward(x: Tensor, k: int, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
         m = math.prod(x.shape[x.dim() - k:])
-        return _layer_norm_rows(x.reshape(-1, m), w, b, eps).view(x.shape)
+        w_row, b_row = (None if w is None else w.reshape(m)), (None if b is None else b.reshape(m))
+        return _layer_norm_rows(x.reshape(-1, m), w_row, b_row, eps).view(x.shape)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -195,7 +196,9 @@ class BatchNormFunction(Function):
     def forward(x: Tensor, w: Tensor | None, b: Tensor | None, mean: Tensor | None,
                 var: Tensor | None, eps: float) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        if mean is None:  # batch statistics
+        if mean is None and x.numel():  # batch statistics
+            return _batch_norm_train(x, w, b, eps)
+        if mean is None:
             var, _, centred = centred_stats(x, (0, *range(2, x.dim())))
         else:
             var, centred = var.view(shape), x - mean.view(shape)
@@ -268,6 +271,41 @@ class BatchNormFunction(Function):
         grad_w = (rstd * gc_sum).view(-1) if ctx.needs_input_grad[1] else None
         grad_b = g_sum.view(-1) if ctx.needs_input_grad[2] else None  # False without bias
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _batch_norm_train_eager(x: Tensor, w: Tensor | None, b: Tensor | None,
+                            eps: float) -> Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    var, _, centred = centred_stats(x, (0, *range(2, x.dim())))
+    xhat = centred.mul_(torch.rsqrt(var + eps))  # (no autograd here: centred is ours)
+    return _scale_shift(xhat, None if w is None else w.view(shape),
+                        None if b is None else b.view(shape))
+
+
+@fusable(eager=_batch_norm_train_eager)
+def _batch_norm_train(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """BatchNorm with the batch's statistics per channel: xhat w + b."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = (0, *range(2, x.dim()))
+    centred = x - x.mean(dims, keepdim=True)
+    xhat = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    return _scale_shift(xhat, None if w is None else w.view(shape),
+                        None if b is None else b.view(shape))
+
+
+def _batch_stats_eager(x: Tensor) -> tuple[Tensor, Tensor]:
+    var, mean, _ = centred_stats(x, (0, *range(2, x.dim())), correction=1)
+    return mean.view(-1), var.view(-1)
+
+
+@fusable(eager=_batch_stats_eager)
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, unbiased variance) per channel (dim 1): what the running statistics follow."""
+    dims = (0, *range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    m = x.numel() // mean.numel()
+    var = (x - mean).square().sum(dims) / max(m - 1, 1)
+    return mean.view(-1), var
 
 
 def _batch_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None,
