@@ -105,13 +105,17 @@ class Parser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse is trying alternatives: not an error yet
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {_condense(message)}\n"
-                         f"  (all options: {prog} --help)\n")
-        if "\n" in message.strip():
-            sys.stderr.write("  details:\n" + "".join(
-                f"    {line}\n" for line in message.strip().splitlines()))
-        raise SystemExit(2)
+        fail(parser.prog.replace(" [options]", ""), message)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """End with the one-line error (then jsonargparse's details, if any), exit status 2."""
+    sys.stderr.write(f"{prog}: error: {_condense(message)}\n"
+                     f"  (all options: {prog} --help)\n")
+    if "\n" in message.strip():
+        sys.stderr.write("  details:\n" + "".join(
+            f"    {line}\n" for line in message.strip().splitlines()))
+    raise SystemExit(2)
 
 
 class CLI(LightningCLI):
@@ -137,7 +141,7 @@ class CLI(LightningCLI):
         for key, (ok, allowed) in CHECKS.items():
             value = config.get(key) if key in config else None
             if value is not None and not ok(value):
-                self._parser(sub).error(f"{_option(key)} must be {allowed}, got {value!r}")
+                fail(f"{parser.prog} {sub}", f"{_option(key)} must be {allowed}, got {value!r}")
         # LightningCLI reads a checkpoint file's hyperparameters right after parsing; a
         # broken or tampered file must end here with a message, not a traceback there.
         ckpt_path = config.get("ckpt_path")
@@ -145,13 +149,13 @@ class CLI(LightningCLI):
             try:
                 check_checkpoint(ckpt_path)
             except CheckpointError as err:
-                self._parser(sub).error(str(err))
+                fail(f"{parser.prog} {sub}", str(err))
 
     # -- where a run's artefacts go ---------------------------------------------------
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        trainer_init = self._get(self.config_init, "trainer")
-        trainer_args = self._get(self.config, "trainer")
+        trainer_init = self.config_init[self.subcommand]["trainer"]
+        trainer_args = self.config[self.subcommand]["trainer"]
         self.run_dir = self._route(trainer_init, trainer_args)
         return super().instantiate_trainer(**kwargs)
 
