@@ -262,9 +262,18 @@ class CrossEntropyLossFunction(Function):
     @staticmethod
     def forward(z: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
                 reduction: str, label_smoothing: float) -> Tensor:
-        q = torch.log_softmax(z, 1 if z.dim() > 1 else 0)
-        a, denominator = _cross_entropy_coefficients(z, t, weight, ignore_index, label_smoothing)
-        loss = -(a * q).sum(1 if z.dim() > 1 else 0)
+        dim = 1 if z.dim() > 1 else 0
+        q = torch.log_softmax(z, dim)
+        if _plain_indices(t, weight, label_smoothing):
+            # a is one-hot at t (0 for ignored samples): the sum over classes is one
+            # entry, gathered, where the general form builds a and multiplies it in whole
+            keep = t != ignore_index
+            picked = q.gather(dim, torch.where(keep, t, 0).unsqueeze(dim)).squeeze(dim)
+            loss, denominator = -(picked * keep), keep.sum()
+        else:
+            a, denominator = _cross_entropy_coefficients(z, t, weight, ignore_index,
+                                                         label_smoothing)
+            loss = -(a * q).sum(dim)
         if reduction == "mean":
             return loss.sum() / denominator
         return loss.sum() if reduction == "sum" else loss
@@ -314,6 +323,20 @@ class CrossEntropyLossFunction(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         z, t, weight = ctx.saved_tensors
         dim = 1 if z.dim() > 1 else 0
+        if _plain_indices(t, weight, ctx.label_smoothing) and ctx.needs_input_grad[0]:
+            # softmax(z) sum_c a_c - a with a one-hot at t: softmax(z) - onehot(t), written
+            # by one scatter of -1 at each kept sample's class (0 for ignored samples)
+            keep = (t != ctx.ignore_index).unsqueeze(dim).to(z.dtype)
+            grad_z = torch.softmax(z, dim).mul_(keep).scatter_add_(
+                dim, torch.where(t != ctx.ignore_index, t, 0).unsqueeze(dim), -keep) \
+                if plain_backward(g) else (torch.softmax(z, dim) * keep).scatter_add(
+                dim, torch.where(t != ctx.ignore_index, t, 0).unsqueeze(dim), -keep)
+            if ctx.reduction == "none":
+                return grad_z * g.unsqueeze(dim), None, None, None, None, None
+            # (every sample ignored: every row is 0, and stays 0, as in torch, with the
+            # count taken as 1 rather than dividing 0 by 0)
+            scale = g / keep.sum().clamp_min(1) if ctx.reduction == "mean" else g
+            return grad_z * scale, None, None, None, None, None
         a, denominator = _cross_entropy_coefficients(z, t, weight, ctx.ignore_index,
                                                      ctx.label_smoothing)
         if ctx.reduction == "none":
@@ -333,6 +356,11 @@ class CrossEntropyLossFunction(Function):
             q = torch.log_softmax(z, dim)
             grad_t = -w * (1 - ctx.label_smoothing) * q * g_i
         return grad_z, grad_t, None, None, None, None
+
+
+def _plain_indices(t: Tensor, weight: Tensor | None, label_smoothing: float) -> bool:
+    """Class-index targets, no class weights, no smoothing: the usual classifier's loss."""
+    return weight is None and label_smoothing == 0 and not t.is_floating_point()
 
 
 def _class_view(v: Tensor, z: Tensor) -> Tensor:
