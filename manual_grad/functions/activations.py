@@ -397,12 +397,20 @@ class LogSoftmaxFunction(Function):
         return dz - (torch.exp(u) * dz).sum(ctx.dim, keepdim=True)
 
 
-@fusable()
+def _softmax_grad_in_place(u: Tensor, g: Tensor, dim: int) -> Tensor:
+    return (g - (g * u).sum(dim, keepdim=True)).mul_(u)  # one temporary fewer
+
+
+@fusable(eager=_softmax_grad_in_place)
 def _softmax_grad(u: Tensor, g: Tensor, dim: int) -> Tensor:
     return u * (g - (g * u).sum(dim, keepdim=True))
 
 
-@fusable()
+def _log_softmax_grad_in_place(u: Tensor, g: Tensor, dim: int) -> Tensor:
+    return torch.exp(u).mul_(-g.sum(dim, keepdim=True)).add_(g)  # two temporaries fewer
+
+
+@fusable(eager=_log_softmax_grad_in_place)
 def _log_softmax_grad(u: Tensor, g: Tensor, dim: int) -> Tensor:
     return g - torch.exp(u) * g.sum(dim, keepdim=True)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, plain_backward
 from manual_grad.functions.linear import as_rows
 
 
@@ -52,7 +52,8 @@ class EmbeddingFunction(Function):
 
     @staticmethod
     def forward(i: Tensor, W: Tensor, padding_idx: int | None, scale_grad_by_freq: bool) -> Tensor:
-        return W[i]
+        # the rows picked by index_select (W[i]'s values; its kernel is the faster one)
+        return W.index_select(0, i.reshape(-1)).view(*i.shape, W.shape[1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -75,8 +76,10 @@ class EmbeddingFunction(Function):
             rows = rows / counts[flat_i].unsqueeze(1).to(rows.dtype)
         if ctx.padding_idx is not None:
             rows = rows * (flat_i != ctx.padding_idx).unsqueeze(1).to(rows.dtype)
-        grad_W = rows.new_zeros(ctx.num_embeddings, rows.shape[1]).index_add(0, flat_i, rows)
-        return None, grad_W, None, None
+        grad_W = rows.new_zeros(ctx.num_embeddings, rows.shape[1])
+        if plain_backward(g):  # into the fresh zeros, not a copy of them (a whole W's size)
+            return None, grad_W.index_add_(0, flat_i, rows), None, None
+        return None, grad_W.index_add(0, flat_i, rows), None, None
 
     @staticmethod
     def jvp(ctx: Any, _: None, dW: Tensor, *__: None) -> Tensor:
