@@ -126,7 +126,7 @@ def test_a_nan_run_stops_with_a_true_message_and_a_failing_exit(tmp_path):
                      "last", cwd=tmp_path)
     assert done.returncode == 1
     line = error_line(done.stderr)
-    assert f"the last finite weights are in {ckpts.resolve() / 'last.ckpt'}" in line
+    assert f"the newest checkpoint with finite weights is {ckpts.resolve() / 'last.ckpt'}" in line
     assert (ckpts / "last.ckpt").read_bytes() == good  # and they still are
     state = torch.load(ckpts / "last.ckpt", weights_only=True)["state_dict"]
     assert all(bool(torch.isfinite(v).all()) for v in state.values())

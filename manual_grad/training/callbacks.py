@@ -38,7 +38,7 @@ class StopOnNonFinite(L.Callback):
 
     Args:
         stop: ``True`` (default) raises :class:`NonFiniteLossError` naming the step, the
-            checkpoint holding the last finite weights (if one exists) and the fix, and
+            newest checkpoint with finite weights (if one exists) and the fix, and
             train.py exits with status 1. ``False`` trains on, as Lightning does by default,
             and the run's summary says from which step the loss was not finite.
 
@@ -74,7 +74,7 @@ class StopOnNonFinite(L.Callback):
                            "(nan.stop is false)")
             return
         saved = last_finite_checkpoint(trainer)
-        where = (f"the last finite weights are in {saved}" if saved is not None
+        where = (f"the newest checkpoint with finite weights is {saved}" if saved is not None
                  else "this run wrote no checkpoint, so none holds its finite weights")
         raise NonFiniteLossError(
             f"the training loss became {value} at step {first} (epoch "
