@@ -203,9 +203,12 @@ class CLI(LightningCLI):
                                              or asked in ("hpc", "registry")):
             return
         folder = self._checkpoint_dir()
+        if asked in ("last", "best") and folder is None:
+            raise RunError(f"--ckpt_path {asked}: this run has no checkpoint folder (no "
+                           "logger and no ModelCheckpoint dirpath); pass a checkpoint file")
         if asked in ("last", "best"):
             lasts = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) \
-                if folder is not None and folder.is_dir() else []
+                if folder.is_dir() else []
             if not lasts:
                 if self.subcommand == "fit" and asked == "last":
                     print(f"manual_grad: no checkpoint in {folder} yet: training from the "
