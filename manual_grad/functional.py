@@ -499,8 +499,24 @@ def _mlp_mse_loss_of_rows(input: Tensor, weight1: Tensor, bias1: Tensor | None,
         w1, b1, w2, b2 = tensors[1:]
         with_grads = (False, w1.requires_grad, b1 is not None and b1.requires_grad,
                       w2.requires_grad, b2 is not None and b2.requires_grad, False)
-        return MLPMSELossFunction.apply(*tensors, target, reduction,
-                                        with_grads if any(with_grads) else None, rows)[0]
+        flags = with_grads if any(with_grads) else None
+
+        def single(*t: Tensor | None) -> Tensor:
+            return MLPMSELossFunction.apply(*t[:5], t[5], reduction, flags, rows)[0]
+
+        def gathered(*t: Tensor | None) -> Tensor:  # the batch copied out, then one pass
+            return mlp_mse_loss(t[0].index_select(0, rows), *t[1:5],
+                                t[5].index_select(0, rows), reduction)
+
+        # reading the rows from the dataset chunk by chunk pays where the batch would not
+        # stay in cache; measured, as the single pass is (see SINGLE_PASS)
+        every = (*tensors, target)
+        if flags is not None and cut_up(input, len(rows)) and not single_pass_pays(
+                (layer + " rows", input.shape[1], len(rows), w1.shape, w2.shape, input.dtype,
+                 input.device, reduction, flags, torch.get_num_threads()),
+                single, gathered, every):
+            return gathered(*every)
+        return single(*every)
     except (RuntimeError, IndexError):
         _same_device(layer, input=input, weight1=weight1, bias1=bias1, weight2=weight2,
                      bias2=bias2, target=target)

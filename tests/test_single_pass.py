@@ -593,3 +593,39 @@ def test_either_choice_gives_the_same_loss_and_gradients(monkeypatch, faster):
     torch.testing.assert_close(loss, expected)
     for p, q in zip(layer.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("faster", ["rows", "gathered"])
+def test_rows_or_the_gathered_batch_is_measured_and_either_gives_the_same(monkeypatch,
+                                                                          faster):
+    monkeypatch.setattr(MF, "SINGLE_PASS", "auto")
+    monkeypatch.setattr(MF, "_single_pass_choice", {})
+    measured = []
+
+    def decide(single, plain, tensors):
+        measured.append(tuple(t.shape for t in tensors if t is not None))
+        return faster == "rows"
+
+    monkeypatch.setattr(MF, "_no_slower", decide)
+    torch.manual_seed(0)
+    data = torch.randn(6 * (CHUNK_ROWS + 1), 784, dtype=torch.float64)
+    labels = torch.randn(len(data), dtype=torch.float64)
+    rows = torch.randperm(len(data))[: 4 * (CHUNK_ROWS + 1)]  # a batch cut into chunks
+    layer = manual_grad.FusedMLP(784, 8, 1, dtype=torch.float64)
+    theirs = torch.nn.Sequential(torch.nn.Linear(784, 8), torch.nn.ReLU(),
+                                 torch.nn.Linear(8, 1)).double()
+    theirs.load_state_dict(layer.state_dict())
+    for _ in range(2):
+        loss = layer.mse_loss(data, labels, rows=rows)
+        loss.backward()
+    expected = torch.nn.functional.mse_loss(theirs(data[rows]).squeeze(1), labels[rows])
+    (expected * 2).backward()  # the two steps' gradients, summed
+    torch.testing.assert_close(loss, expected)
+    for p, q in zip(layer.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    # once for the shape, kept for the second call (the gathered batch then makes its
+    # own single-pass choice, once too)
+    once = 1 if faster == "rows" else 2
+    assert len(measured) == once
+    layer.mse_loss(data, labels, rows=rows[:64]).backward()  # one chunk: nothing to time
+    assert len(measured) == once
