@@ -155,6 +155,7 @@ def _module_parameters(layer: torch.nn.Module) -> dict[str, Any] | None:
 
 
 # A module's registered parameters, read without nn.Module.__getattr__ (~3 us a read).
+# (A Python function, not operator.attrgetter: torch.compile cannot trace the latter.)
 # Fallback: None, and the caller reads the attributes the usual way.
 module_parameters: Callable[[torch.nn.Module], dict[str, Any] | None] = _private(
     "torch.nn.Module._parameters",

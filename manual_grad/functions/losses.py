@@ -326,11 +326,12 @@ class CrossEntropyLossFunction(Function):
         if _plain_indices(t, weight, ctx.label_smoothing) and ctx.needs_input_grad[0]:
             # softmax(z) sum_c a_c - a with a one-hot at t: softmax(z) - onehot(t), written
             # by one scatter of -1 at each kept sample's class (0 for ignored samples)
-            keep = (t != ctx.ignore_index).unsqueeze(dim).to(z.dtype)
-            grad_z = torch.softmax(z, dim).mul_(keep).scatter_add_(
-                dim, torch.where(t != ctx.ignore_index, t, 0).unsqueeze(dim), -keep) \
-                if plain_backward(g) else (torch.softmax(z, dim) * keep).scatter_add(
-                dim, torch.where(t != ctx.ignore_index, t, 0).unsqueeze(dim), -keep)
+            kept = t != ctx.ignore_index
+            keep, at = kept.unsqueeze(dim).to(z.dtype), torch.where(kept, t, 0).unsqueeze(dim)
+            if plain_backward(g):  # in place on the fresh softmax
+                grad_z = torch.softmax(z, dim).mul_(keep).scatter_add_(dim, at, -keep)
+            else:
+                grad_z = (torch.softmax(z, dim) * keep).scatter_add(dim, at, -keep)
             if ctx.reduction == "none":
                 return grad_z * g.unsqueeze(dim), None, None, None, None, None
             # (every sample ignored: every row is 0, and stays 0, as in torch, with the

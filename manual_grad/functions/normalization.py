@@ -243,33 +243,23 @@ class BatchNormFunction(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w, mean, var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if mean is None and plain_backward(g) and need_x and (need_w or w is None) \
-                and x.numel():
-            # training: the docstring's first form as one function, compiled into fused
-            # kernels where that pays (_fuse.py); else the second form, below
-            grad_x, grad_w, grad_b = _batch_norm_grads(x, g, w, ctx.eps)
-            return grad_x, grad_w, grad_b if need_b else None, None, None, None
+        if mean is None:  # training: the batch's statistics
+            if plain_backward(g) and need_x and (need_w or w is None) and x.numel():
+                # the docstring's first form as one function, compiled into fused kernels
+                # where that pays (_fuse.py), else the second form
+                grad_x, grad_w, grad_b = _batch_norm_grads(x, g, w, ctx.eps)
+            else:
+                grad_x, grad_w, grad_b = _batch_norm_grads_eager(x, g, w, ctx.eps)
+            return (grad_x if need_x else None, grad_w if need_w else None,
+                    grad_b if need_b else None, None, None, None)
+        # eval: the running statistics are constants
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dims = (0, *range(2, x.dim()))
-        if mean is None:
-            var_, _, centred = centred_stats(x, dims)
-        else:
-            var_, centred = var.view(shape), x - mean.view(shape)
-        rstd = torch.rsqrt(var_ + ctx.eps)
-        s = rstd * w.view(shape) if w is not None else rstd
-        g_sum = g.sum(dims, keepdim=True)
-        gc_sum = (g * centred).sum(dims, keepdim=True) if (
-            ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and mean is None)) else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if mean is None:
-                m = x.numel() // g_sum.numel()
-                grad_x = torch.addcmul(s * g_sum / -m, g, s)  # s g - s sum(g) / m
-                grad_x = grad_x.addcmul_(centred, s * rstd.square() * gc_sum / -m)
-            else:
-                grad_x = g * s
-        grad_w = (rstd * gc_sum).view(-1) if ctx.needs_input_grad[1] else None
-        grad_b = g_sum.view(-1) if ctx.needs_input_grad[2] else None  # False without bias
+        rstd = torch.rsqrt(var.view(shape) + ctx.eps)
+        grad_x = g * (rstd * w.view(shape) if w is not None else rstd) if need_x else None
+        grad_w = (rstd * (g * (x - mean.view(shape))).sum(dims, keepdim=True)).view(-1) \
+            if need_w else None
+        grad_b = g.sum(dims) if need_b else None  # False without bias
         return grad_x, grad_w, grad_b, None, None, None
 
 
