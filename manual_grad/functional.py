@@ -55,7 +55,6 @@ from manual_grad.functions import (
 from manual_grad.functions._constants import _HALF
 from manual_grad.functions._fast_apply import traced
 from manual_grad.functions.losses import REDUCTIONS
-from manual_grad.functions.normalization import batch_stats
 from manual_grad.functions.single_pass import cut_up
 
 # Whether autocast is on for any device: one C call (~0.1 us on a 2-core CPU), against
@@ -808,16 +807,16 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if half:  # a half input is normalised in float32
         x, weight, bias = input.float(), _float32(weight), _float32(bias)
     if training:
+        out, mean, var = BatchNormFunction.apply(x, weight, bias, None, None, eps)
         if running_mean is not None and input.numel():  # an empty batch moves nothing
-            with torch.no_grad():
-                mean, var = batch_stats(x)
+            with torch.no_grad():  # towards the batch's mean and unbiased variance
+                m = input.numel() // input.shape[1]
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(var.to(running_var.dtype), momentum)
-        out = BatchNormFunction.apply(x, weight, bias, None, None, eps)
+                running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
     else:
         if half:
             running_mean, running_var = _float32(running_mean), _float32(running_var)
-        out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, eps)
+        out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, eps)[0]
     return out.to(input.dtype) if half else out
 
 

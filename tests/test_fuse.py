@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import manual_grad
-from manual_grad.functions import _fuse, activations, normalization
+from manual_grad.functions import _fuse, activations, conv, normalization
 
 BIG = (16, 64, 256)  # 262,144 elements: above _fuse.MIN_ELEMENTS
 
@@ -26,8 +26,7 @@ LAYERS = {
     "LayerNorm-no-affine": (lambda: nn.LayerNorm(256, elementwise_affine=False), BIG,
                             [normalization._layer_norm_grads]),
     "BatchNorm2d": (lambda: nn.BatchNorm2d(16), (8, 16, 48, 48),
-                    [normalization._batch_norm_train, normalization.batch_stats,
-                     normalization._batch_norm_grads]),
+                    [normalization._batch_norm_train, normalization._batch_norm_grads]),
     "GroupNorm": (lambda: nn.GroupNorm(4, 16), (8, 16, 48, 48),
                   [normalization._group_norm_grads]),
 }
@@ -108,3 +107,69 @@ def test_a_formula_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch
         out = f(z)
     torch.testing.assert_close(out, formula(z))
     assert f.failed and not f.applies(z)
+
+
+def test_faster_measures_once_per_key_and_follows_the_mode(monkeypatch):
+    calls = {"plain": 0, "variant": 0}
+
+    def plain(z):
+        calls["plain"] += 1
+        return z * 2
+
+    def variant(z):
+        calls["variant"] += 1
+        return z + z
+
+    z, choices = torch.randn(1000), {}
+    monkeypatch.setattr(_fuse, "MODE", "auto")
+    chosen = _fuse.faster(choices, ("k",), plain, variant, (z,))
+    assert calls == {"plain": 4, "variant": 4}  # a warm-up, then three timed turns each
+    assert chosen is (variant if choices[("k",)] else plain)
+    assert _fuse.faster(choices, ("k",), plain, variant, (z,)) is chosen
+    assert calls == {"plain": 4, "variant": 4}  # decided once for the key
+    monkeypatch.setattr(_fuse, "MODE", "never")
+    assert _fuse.faster({}, ("k",), plain, variant, (z,)) is plain
+    monkeypatch.setattr(_fuse, "MODE", "always")
+    assert _fuse.faster({}, ("k",), plain, variant, (z,)) is variant
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_fuse.faster({}, ("k",), plain, variant, (z,)))
+                    or t)(torch.ones(2))
+    assert seen == [plain]  # traced: the plain form
+
+
+CONVS = {  # (in channels, out, kernel, stride, padding, dilation, groups), input (N, H, W)
+    "3x3": ((16, 24, 3, 1, 1, 1, 1), (4, 48, 48)),
+    "1x1 stride 2": ((16, 32, 1, 2, 0, 1, 1), (4, 48, 48)),
+    "7x7 stride 2 pad 3": ((3, 16, 7, 2, 3, 1, 1), (8, 96, 96)),
+    "dilated grouped": ((16, 16, 3, 1, 2, 2, 4), (4, 48, 48)),
+    "depthwise stride 2 odd size": ((16, 16, 3, 2, 1, 1, 16), (4, 49, 47)),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["always", "auto"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_layouts_give_torchs_gradients(name, mode, channels_last, monkeypatch):
+    """Conv2d's gradients taken channels-last (conv._*_channels_last), forced or chosen by
+    measurement, against torch.nn's in float64, for the options that change the shapes."""
+    (c, o, k, s, p, d, groups), (n, h, w) = CONVS[name]
+    monkeypatch.setattr(_fuse, "MODE", mode)
+    monkeypatch.setattr(conv, "_layout_choices", {})
+    monkeypatch.setattr(conv, "_input_layout_choices", {})
+    torch.manual_seed(0)
+    theirs = nn.Conv2d(c, o, k, s, p, d, groups).double()
+    ours = manual_grad.convert(copy.deepcopy(theirs)).model
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() >= _fuse.MIN_ELEMENTS  # big enough for the layouts to be weighed
+    grads = []
+    for layer in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(torch.cos(out.detach()))
+        grads.append([out, xi.grad, layer.weight.grad, layer.bias.grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    assert grads[1][1].stride() == grads[0][1].stride()  # dL/dx in torch's layout
+    assert len(conv._layout_choices) == len(conv._input_layout_choices) == int(mode == "auto")

@@ -16,6 +16,9 @@ Whether it pays depends on the machine and the size, so it is chosen at run time
   compiler, say) keeps the eager formula, with one warning.
 - ``"always"``: compiled wherever it applies; ``"never"``: always eager.
 
+The same switch governs the other forms chosen by measurement (:func:`faster`), such as
+the memory layout of convolution's weight gradient: ``"never"`` keeps the plain form.
+
 It applies only to tensors of at least ``MIN_ELEMENTS`` elements, and never where the
 eager formula is required: while torch.compile or a torch.func transform traces (they
 see the formula itself), when a graph of the backward is wanted (double backward), or
@@ -101,6 +104,32 @@ class Fusable:
                 _sync(device)
                 times[compiled].append(time.perf_counter() - start)
         return statistics.median(times[True]) < statistics.median(times[False])
+
+
+def faster(choices: dict[tuple, bool], key: tuple, plain: Callable[..., Any],
+           variant: Callable[..., Any], args: tuple) -> Callable[..., Any]:
+    """``plain`` or ``variant``, two ways to the same values, by ``MODE``: the variant
+    under ``"always"``, the plain form under ``"never"`` and wherever code is traced, and
+    under ``"auto"`` whichever ran faster on ``args`` (the call's own inputs, best of three
+    in turn after a warm-up) the first time ``key`` was seen, kept in ``choices``."""
+    if MODE == "never" or traced():
+        return plain
+    if MODE == "always":
+        return variant
+    choice = choices.get(key)
+    if choice is None:
+        device = next(a for a in args if isinstance(a, Tensor)).device
+        best = {False: float("inf"), True: float("inf")}
+        for turn in range(4):
+            for form in (False, True) if turn % 2 else (True, False):
+                _sync(device)
+                start = time.perf_counter()
+                (variant if form else plain)(*args)
+                _sync(device)
+                if turn:  # (the first turn warms up)
+                    best[form] = min(best[form], time.perf_counter() - start)
+        choice = choices[key] = best[True] < best[False]
+    return variant if choice else plain
 
 
 def fusable(eager: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], Fusable]:

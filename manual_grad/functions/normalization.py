@@ -186,35 +186,45 @@ class BatchNormFunction(Function):
         both:      dL/dw = sum of g xhat = rstd sum(g centred);   dL/db = sum of g
     The second form needs only two per-channel sums, sum(g) and sum(g centred), so
     backward makes two full-size tensors where the first form makes a dozen (each a
-    fresh allocation, slow on a CPU at this size). The running statistics are updated
-    outside, in functional.batch_norm.
+    fresh allocation, slow on a CPU at this size).
+
+    Returns (y, mean, var): in training also the batch's mean and (biased) variance per
+    channel, which functional.batch_norm moves the running statistics towards and which
+    backward reuses rather than reading x twice more for them (constants there: where a
+    graph of the backward is wanted they are recomputed from x, differentiably). In eval
+    the two are empty: the running statistics are the caller's.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, w: Tensor | None, b: Tensor | None, mean: Tensor | None,
-                var: Tensor | None, eps: float) -> Tensor:
+                var: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if mean is None and x.numel():  # batch statistics
             return _batch_norm_train(x, w, b, eps)
-        if mean is None:
-            var, _, centred = centred_stats(x, (0, *range(2, x.dim())))
+        if mean is None:  # an empty batch: NaN statistics, as torch's
+            var, batch_mean, centred = centred_stats(x, (0, *range(2, x.dim())))
+            stats = (batch_mean.view(-1), var.view(-1))
         else:
             var, centred = var.view(shape), x - mean.view(shape)
+            stats = (x.new_empty(0), x.new_empty(0))
         xhat = centred.mul_(torch.rsqrt(var + eps))  # (no autograd here: centred is ours)
         return _scale_shift(xhat, None if w is None else w.view(shape),
-                            None if b is None else b.view(shape))
+                            None if b is None else b.view(shape)), *stats
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         x, w, _, mean, var, ctx.eps = inputs
-        ctx.save_for_backward(x, w, mean, var)
+        _, batch_mean, batch_var = output
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        ctx.training = mean is None
+        ctx.save_for_backward(x, w, *((batch_mean, batch_var) if ctx.training else (mean, var)))
         ctx.save_for_forward(x, w, mean, var)
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, dw: Tensor | None, db: Tensor | None,
-            dmean: Tensor | None, dvar: Tensor | None, _: None) -> Tensor:
+            dmean: Tensor | None, dvar: Tensor | None, _: None) -> tuple[Tensor | None, ...]:
         """Forward mode: dy = dxhat w + xhat dw + db. In training dxhat is LayerNorm's
         line over the channel's values; in eval the statistics are inputs, and
             dxhat = rstd (dx - dmean) - centred rstd^3 dvar / 2"""
@@ -237,19 +247,20 @@ class BatchNormFunction(Function):
         if dxhat is not None and w is not None:
             dxhat = dxhat * w.view(shape)
         return tangent_sum(dxhat, None if dw is None else xhat * dw.view(shape),
-                           None if db is None else db.view(shape).expand_as(x))
+                           None if db is None else db.view(shape).expand_as(x)), None, None
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
         x, w, mean, var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if mean is None:  # training: the batch's statistics
+        if ctx.training:  # the batch's statistics
             if plain_backward(g) and need_x and (need_w or w is None) and x.numel():
                 # the docstring's first form as one function, compiled into fused kernels
-                # where that pays (_fuse.py), else the second form
-                grad_x, grad_w, grad_b = _batch_norm_grads(x, g, w, ctx.eps)
-            else:
-                grad_x, grad_w, grad_b = _batch_norm_grads_eager(x, g, w, ctx.eps)
+                # where that pays (_fuse.py), else the second form; the forward's mean
+                # and var, constants here
+                grad_x, grad_w, grad_b = _batch_norm_grads(x, g, w, mean, var, ctx.eps)
+            else:  # (the statistics recomputed from x: a graph of them may be wanted)
+                grad_x, grad_w, grad_b = _batch_norm_grads_eager(x, g, w, None, None, ctx.eps)
             return (grad_x if need_x else None, grad_w if need_w else None,
                     grad_b if need_b else None, None, None, None)
         # eval: the running statistics are constants
@@ -264,46 +275,40 @@ class BatchNormFunction(Function):
 
 
 def _batch_norm_train_eager(x: Tensor, w: Tensor | None, b: Tensor | None,
-                            eps: float) -> Tensor:
+                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    var, _, centred = centred_stats(x, (0, *range(2, x.dim())))
-    xhat = centred.mul_(torch.rsqrt(var + eps))  # (no autograd here: centred is ours)
-    return _scale_shift(xhat, None if w is None else w.view(shape),
-                        None if b is None else b.view(shape))
+    var, mean, centred = centred_stats(x, (0, *range(2, x.dim())))
+    rstd = torch.rsqrt(var + eps)
+    s = rstd * w.view(shape) if w is not None else rstd  # one pass: centred s + b
+    y = torch.addcmul(b.view(shape), centred, s) if b is not None else centred.mul_(s)
+    return y, mean.view(-1), var.view(-1)
 
 
 @fusable(eager=_batch_norm_train_eager)
-def _batch_norm_train(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
-    """BatchNorm with the batch's statistics per channel: xhat w + b."""
+def _batch_norm_train(x: Tensor, w: Tensor | None, b: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm with the batch's statistics per channel: (xhat w + b, mean, var)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    dims = (0, *range(2, x.dim()))
-    centred = x - x.mean(dims, keepdim=True)
-    xhat = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
-    return _scale_shift(xhat, None if w is None else w.view(shape),
-                        None if b is None else b.view(shape))
-
-
-def _batch_stats_eager(x: Tensor) -> tuple[Tensor, Tensor]:
-    var, mean, _ = centred_stats(x, (0, *range(2, x.dim())), correction=1)
-    return mean.view(-1), var.view(-1)
-
-
-@fusable(eager=_batch_stats_eager)
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, unbiased variance) per channel (dim 1): what the running statistics follow."""
     dims = (0, *range(2, x.dim()))
     mean = x.mean(dims, keepdim=True)
-    m = x.numel() // mean.numel()
-    var = (x - mean).square().sum(dims) / max(m - 1, 1)
-    return mean.view(-1), var
+    centred = x - mean
+    var = centred.square().mean(dims, keepdim=True)
+    xhat = centred * torch.rsqrt(var + eps)
+    return (_scale_shift(xhat, None if w is None else w.view(shape),
+                         None if b is None else b.view(shape)), mean.view(-1), var.view(-1))
 
 
-def _batch_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None,
-                            eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
-    """BatchNormFunction's training lines in their second form (two per-channel sums)."""
+def _batch_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, mean: Tensor | None,
+                            var: Tensor | None, eps: float
+                            ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """BatchNormFunction's training lines in their second form (two per-channel sums),
+    with the forward's mean and var, or without them (None) recomputing them from x."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     dims = (0, *range(2, x.dim()))
-    var, _, centred = centred_stats(x, dims)
+    if mean is None:
+        var, _, centred = centred_stats(x, dims)
+    else:
+        var, centred = var.view(shape), x - mean.view(shape)
     rstd = torch.rsqrt(var + eps)
     s = rstd * w.view(shape) if w is not None else rstd
     g_sum = g.sum(dims, keepdim=True)
@@ -315,15 +320,14 @@ def _batch_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None,
 
 
 @fusable(eager=_batch_norm_grads_eager)
-def _batch_norm_grads(x: Tensor, g: Tensor, w: Tensor | None,
+def _batch_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, mean: Tensor, var: Tensor,
                       eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
     """BatchNormFunction's training lines in their first form, means per channel:
     dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), dw = sum g xhat, db = sum g."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     dims = (0, *range(2, x.dim()))
-    centred = x - x.mean(dims, keepdim=True)
-    rstd = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
-    xhat = centred * rstd
+    rstd = torch.rsqrt(var.view(shape) + eps)
+    xhat = (x - mean.view(shape)) * rstd
     dxhat = g * w.view(shape) if w is not None else g
     grad_x = rstd * (dxhat - dxhat.mean(dims, keepdim=True)
                      - xhat * (dxhat * xhat).mean(dims, keepdim=True))
