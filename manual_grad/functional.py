@@ -788,8 +788,8 @@ def layer_norm(input: Tensor, normalized_shape: list[int] | tuple[int, ...],
         input, weight, bias = _float32(input), _float32(weight), _float32(bias)
     if _half_in_float32("layer_norm", input, weight=weight, bias=bias):
         return LayerNormFunction.apply(input.float(), len(shape), _float32(weight),
-                                       _float32(bias), eps).to(input.dtype)
-    return LayerNormFunction.apply(input, len(shape), weight, bias, eps)
+                                       _float32(bias), eps)[0].to(input.dtype)
+    return LayerNormFunction.apply(input, len(shape), weight, bias, eps)[0]
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -1051,8 +1051,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
                          f"empty, got {tuple(input.shape)}, as torch")
     if _half_in_float32("group_norm", input, weight=weight, bias=bias):
         return GroupNormFunction.apply(input.float(), num_groups, _float32(weight),
-                                       _float32(bias), eps).to(input.dtype)
-    return GroupNormFunction.apply(input, num_groups, weight, bias, eps)
+                                       _float32(bias), eps)[0].to(input.dtype)
+    return GroupNormFunction.apply(input, num_groups, weight, bias, eps)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape: list[int] | tuple[int, ...],

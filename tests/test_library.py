@@ -531,3 +531,24 @@ def test_layer_batched_grads_match_torch_and_a_loop(case):
         results.append(batched)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_norm_functions_return_torchs_statistics_as_constants():
+    """LayerNorm, GroupNorm and BatchNorm (training) return the statistics their backward
+    reuses: torch's native ops' mean and 1/sqrt(var + eps) (BatchNorm: the biased var),
+    outside the graph."""
+    from manual_grad.functions import BatchNormFunction, GroupNormFunction, LayerNormFunction
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 3, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    _, mean, rstd = LayerNormFunction.apply(x, 2, w, b, 1e-5)
+    _, t_mean, t_rstd = torch.native_layer_norm(x, (5, 3), w, b, 1e-5)
+    torch.testing.assert_close((mean.view(4, 6, 1, 1), rstd.view(4, 6, 1, 1)), (t_mean, t_rstd))
+    w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    _, mean, rstd = GroupNormFunction.apply(x, 3, w, b, 1e-5)
+    _, t_mean, t_rstd = torch.native_group_norm(x, w, b, 4, 6, 15, 3, 1e-5)
+    torch.testing.assert_close((mean.view(4, 3), rstd.view(4, 3)), (t_mean, t_rstd))
+    _, mean, var = BatchNormFunction.apply(x, w, b, None, None, 1e-5)
+    _, t_mean, t_invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close((mean, torch.rsqrt(var + 1e-5)), (t_mean, t_invstd))
+    assert not (mean.requires_grad or var.requires_grad or rstd.requires_grad)

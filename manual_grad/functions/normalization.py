@@ -48,18 +48,30 @@ def _rows_and_tangent(x: Tensor, m: int, eps: float, dx: Tensor | None
                       ) -> tuple[Tensor, Tensor | None]:
     """(xhat, dxhat) in x's shape, x normalised in rows of m values (LayerNorm's rows, or
     GroupNorm's groups); dxhat None without dx."""
-    centred, rstd = _row_stats(x.reshape(-1, m), eps)
+    centred, _, rstd = _row_stats(x.reshape(-1, m), eps)
     xhat = centred * rstd
     dxhat = None if dx is None else _xhat_tangent(dx.reshape(-1, m), xhat, rstd, 1)
     return xhat.view(x.shape), (None if dxhat is None else dxhat.view(x.shape))
 
 
-def _row_stats(rows: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(centred, rstd) of each row of a (rows, m) tensor: rows - mean, 1 / sqrt(var + eps).
-    The sum of squares is a norm, squared: a reduction that makes no squared copy."""
-    centred = rows - rows.mean(1, keepdim=True)
+def _row_stats(rows: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(centred, mean, rstd) of each row of a (rows, m) tensor: rows - mean, the mean and
+    1 / sqrt(var + eps), the last two (rows, 1). The sum of squares is a norm, squared: a
+    reduction that makes no squared copy."""
+    mean = rows.mean(1, keepdim=True)
+    centred = rows - mean
     var = torch.linalg.vector_norm(centred, dim=1).square() / rows.shape[1]
-    return centred, torch.rsqrt(var + eps).unsqueeze(1)
+    return centred, mean, torch.rsqrt(var + eps).unsqueeze(1)
+
+
+def _centred(rows: Tensor, mean: Tensor | None, rstd: Tensor | None,
+             eps: float) -> tuple[Tensor, Tensor]:
+    """(centred, rstd) of (rows, m) rows: from the forward's mean and rstd where given
+    (constants: a plain backward), else recomputed from the rows (differentiably)."""
+    if mean is None or rstd is None:
+        centred, _, rstd = _row_stats(rows, eps)
+        return centred, rstd
+    return rows - mean, rstd
 
 
 @fast_apply
@@ -75,46 +87,54 @@ class LayerNormFunction(Function):
         dL/db = sum over rows of g
     Written this way, g centred serves both dL/dw and the last mean, and dL/dx is
     built in place: backward makes three full-size tensors (each a fresh allocation,
-    slow on a CPU at this size) where the first form makes many. mean and rstd are
-    recomputed from the saved x in backward, so it stays differentiable.
+    slow on a CPU at this size) where the first form makes many.
+
+    Returns (y, mean, rstd), the last two per row (rows, 1), as torch.native_layer_norm
+    does: backward reuses them rather than reading x twice more for them (constants
+    there: where a graph of the backward is wanted they are recomputed from x,
+    differentiably).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, k: int, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    def forward(x: Tensor, k: int, w: Tensor | None, b: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
         m = math.prod(x.shape[x.dim() - k:])
         w_row, b_row = (None if w is None else w.reshape(m)), (None if b is None else b.reshape(m))
-        return _layer_norm_rows(x.reshape(-1, m), w_row, b_row, eps).view(x.shape)
+        y, mean, rstd = _layer_norm_rows(x.reshape(-1, m), w_row, b_row, eps)
+        return y.view(x.shape), mean, rstd
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         x, ctx.k, w, _, ctx.eps = inputs
-        ctx.save_for_backward(x, w)
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, w, mean, rstd)
         ctx.save_for_forward(x, w)
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, _: None, dw: Tensor | None, db: Tensor | None,
-            __: None) -> Tensor:
+            __: None) -> tuple[Tensor | None, ...]:
         """Forward mode: dy = dxhat w + xhat dw + db, dxhat as in backward (per row)."""
         x, w = ctx.saved_tensors
         xhat, dxhat = _rows_and_tangent(x, math.prod(x.shape[x.dim() - ctx.k:]), ctx.eps, dx)
         dy = dxhat * w if dxhat is not None and w is not None else dxhat
-        return tangent_sum(dy, None if dw is None else xhat * dw, db, shape=x.shape)
+        return tangent_sum(dy, None if dw is None else xhat * dw, db, shape=x.shape), None, None
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, w = ctx.saved_tensors
+    def backward(ctx: Any, g: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, w, mean, rstd = ctx.saved_tensors
         need_x, _, need_w, need_b, _ = ctx.needs_input_grad
         m = math.prod(x.shape[x.dim() - ctx.k:])
-        rows = (x.reshape(-1, m), g.reshape(-1, m), w.reshape(m) if w is not None else None,
-                ctx.eps)
+        rows = (x.reshape(-1, m), g.reshape(-1, m), w.reshape(m) if w is not None else None)
         if plain_backward(g) and need_x and (need_w or w is None):
             # the formula below as one function: compiled into fused kernels where that
-            # pays (_fuse.py), else this same eager code
-            grad_x, grad_w, grad_b = _layer_norm_grads(*rows)
-        else:
-            grad_x, grad_w, grad_b = _layer_norm_grads_eager(*rows, need_x, need_w)
+            # pays (_fuse.py), else this same eager code; the forward's mean and rstd
+            grad_x, grad_w, grad_b = _layer_norm_grads(*rows, mean, rstd, ctx.eps)
+        else:  # (the statistics recomputed from x: a graph of them may be wanted)
+            grad_x, grad_w, grad_b = _layer_norm_grads_eager(*rows, None, None, ctx.eps,
+                                                             need_x, need_w)
         grad_x = grad_x.view(x.shape) if need_x else None
         grad_w = grad_w.view(w.shape) if need_w else None
         grad_b = grad_b.view(w.shape if w is not None else x.shape[x.dim() - ctx.k:]) \
@@ -123,26 +143,31 @@ class LayerNormFunction(Function):
 
 
 def _layer_norm_rows_eager(rows: Tensor, w: Tensor | None, b: Tensor | None,
-                           eps: float) -> Tensor:
-    centred, rstd = _row_stats(rows, eps)
+                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    centred, mean, rstd = _row_stats(rows, eps)
     xhat = centred.mul_(rstd)  # (no autograd here: centred is ours)
-    return _scale_shift(xhat, w, b)
+    return _scale_shift(xhat, w, b), mean, rstd
 
 
 @fusable(eager=_layer_norm_rows_eager)
-def _layer_norm_rows(rows: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm of (n, m) rows: xhat w + b, xhat = (x - mean) / sqrt(var + eps)."""
-    centred = rows - rows.mean(1, keepdim=True)
-    xhat = centred * torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
-    return _scale_shift(xhat, w, b)
+def _layer_norm_rows(rows: Tensor, w: Tensor | None, b: Tensor | None,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of (n, m) rows: (xhat w + b, mean, rstd), xhat = (x - mean) rstd and
+    rstd = 1 / sqrt(var + eps)."""
+    mean = rows.mean(1, keepdim=True)
+    centred = rows - mean
+    rstd = torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
+    return _scale_shift(centred * rstd, w, b), mean, rstd
 
 
-def _layer_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, eps: float,
-                            need_x: bool = True, need_w: bool = True
+def _layer_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, mean: Tensor | None,
+                            rstd: Tensor | None, eps: float, need_x: bool = True,
+                            need_w: bool = True
                             ) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """LayerNormFunction's three lines for (n, m) rows, in its second form (docstring)."""
+    """LayerNormFunction's three lines for (n, m) rows, in its second form (docstring),
+    with the forward's mean and rstd or (None) recomputing them."""
     m = x.shape[1]
-    centred, rstd = _row_stats(x, eps)
+    centred, rstd = _centred(x, mean, rstd, eps)
     gc = g * centred if need_x or need_w else None
     grad_x = grad_w = None
     if need_x:
@@ -158,13 +183,11 @@ def _layer_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, eps: float,
 
 
 @fusable(eager=_layer_norm_grads_eager)
-def _layer_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, eps: float
-                      ) -> tuple[Tensor, Tensor | None, Tensor]:
+def _layer_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, mean: Tensor, rstd: Tensor,
+                      eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
     """LayerNormFunction's three lines for (n, m) rows, in their first form:
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dw = sum g xhat, db = sum g."""
-    centred = x - x.mean(1, keepdim=True)
-    rstd = torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
-    xhat = centred * rstd
+    xhat = (x - mean) * rstd
     dxhat = g * w if w is not None else g
     grad_x = rstd * (dxhat - dxhat.mean(1, keepdim=True)
                      - xhat * (dxhat * xhat).mean(1, keepdim=True))
@@ -345,60 +368,68 @@ class GroupNormFunction(Function):
     dxhat = g w (w broadcast over each channel's positions):
         dL/dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))     means over a row
         dL/dw_c = sum over samples and positions of g xhat;    dL/db_c = sum of g
+    Returns (y, mean, rstd), the last two per row (N G, 1), as torch.native_group_norm
+    does: backward reuses them (constants there: where a graph of the backward is
+    wanted they are recomputed from x, differentiably).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, groups: int, w: Tensor | None, b: Tensor | None,
-                eps: float) -> Tensor:
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
         N, C = x.shape[:2]
         m = math.prod(x.shape[1:]) // groups  # (not -1: an empty batch has no size to infer)
-        centred, rstd = _row_stats(x.reshape(N * groups, m), eps)
+        centred, mean, rstd = _row_stats(x.reshape(N * groups, m), eps)
         xhat = centred.mul_(rstd).view(x.shape)
         shape = (1, C) + (1,) * (x.dim() - 2)
         return _scale_shift(xhat, None if w is None else w.view(shape),
-                            None if b is None else b.view(shape))
+                            None if b is None else b.view(shape)), mean, rstd
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         x, ctx.groups, w, _, ctx.eps = inputs
-        ctx.save_for_backward(x, w)
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, w, mean, rstd)
         ctx.save_for_forward(x, w)
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, _: None, dw: Tensor | None, db: Tensor | None,
-            __: None) -> Tensor:
+            __: None) -> tuple[Tensor | None, ...]:
         """Forward mode: dy = dxhat w + xhat dw + db, dxhat LayerNorm's line per group."""
         x, w = ctx.saved_tensors
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         xhat, dxhat = _rows_and_tangent(x, math.prod(x.shape[1:]) // ctx.groups, ctx.eps, dx)
         dy = dxhat * w.view(shape) if dxhat is not None and w is not None else dxhat
         return tangent_sum(dy, None if dw is None else xhat * dw.view(shape),
-                           None if db is None else db.view(shape), shape=x.shape)
+                           None if db is None else db.view(shape), shape=x.shape), None, None
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, w = ctx.saved_tensors
+    def backward(ctx: Any, g: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, w, mean, rstd = ctx.saved_tensors
         need_x, _, need_w, need_b, _ = ctx.needs_input_grad
         if plain_backward(g) and need_x and (need_w or w is None) and x.numel():
             # the lines below as one function, compiled into fused kernels where that
-            # pays (_fuse.py); else these same lines
-            grad_x, grad_w, grad_b = _group_norm_grads(x, g, w, ctx.groups, ctx.eps)
-        else:
-            grad_x, grad_w, grad_b = _group_norm_grads_eager(x, g, w, ctx.groups, ctx.eps,
-                                                             need_x, need_w, need_b)
+            # pays (_fuse.py); else these same lines; the forward's mean and rstd
+            grad_x, grad_w, grad_b = _group_norm_grads(x, g, w, ctx.groups, mean, rstd,
+                                                       ctx.eps)
+        else:  # (the statistics recomputed from x: a graph of them may be wanted)
+            grad_x, grad_w, grad_b = _group_norm_grads_eager(
+                x, g, w, ctx.groups, None, None, ctx.eps, need_x, need_w, need_b)
         return grad_x, None, grad_w, grad_b if need_b else None, None
 
 
 def _group_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
-                            eps: float, need_x: bool = True, need_w: bool = True,
+                            mean: Tensor | None, rstd: Tensor | None, eps: float,
+                            need_x: bool = True, need_w: bool = True,
                             need_b: bool = True) -> tuple[Tensor | None, ...]:
-    """GroupNormFunction's three lines (its docstring), each only when needed."""
+    """GroupNormFunction's three lines (its docstring), each only when needed, with the
+    forward's mean and rstd or (None) recomputing them."""
     N, C = x.shape[:2]
     shape = (1, C) + (1,) * (x.dim() - 2)
     rows, m = N * groups, math.prod(x.shape[1:]) // groups
-    centred, rstd = _row_stats(x.reshape(rows, m), eps)
+    centred, rstd = _centred(x.reshape(rows, m), mean, rstd, eps)
     xhat = (centred * rstd).view(x.shape)
     dims = (0, *range(2, x.dim()))
     grad_x = grad_w = grad_b = None
@@ -416,16 +447,13 @@ def _group_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
 
 
 @fusable(eager=_group_norm_grads_eager)
-def _group_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
-                      eps: float) -> tuple[Tensor | None, ...]:
+def _group_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, groups: int, mean: Tensor,
+                      rstd: Tensor, eps: float) -> tuple[Tensor | None, ...]:
     """GroupNormFunction's three lines, as its docstring writes them, per (sample, group)."""
     N, C = x.shape[:2]
     shape = (1, C) + (1,) * (x.dim() - 2)
     dims = (0, *range(2, x.dim()))
-    rows = x.reshape(N * groups, -1)
-    centred = rows - rows.mean(1, keepdim=True)
-    rstd = torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
-    xhat = (centred * rstd).view(x.shape)
+    xhat = ((x.reshape(N * groups, -1) - mean) * rstd).view(x.shape)
     dxhat = (g * w.view(shape) if w is not None else g).reshape(N * groups, -1)
     xhat_rows = xhat.reshape(N * groups, -1)
     grad_x = rstd * (dxhat - dxhat.mean(1, keepdim=True)
