@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
+from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum, traced
 from manual_grad.functions._fuse import fusable
 
 
@@ -29,6 +29,12 @@ def _scale_shift(xhat: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
     """xhat w + b in one op when both are there. Out of place: under torch.func.vmap over
     the parameters alone (an ensemble of models on one input) w is batched and xhat not."""
     if w is not None and b is not None:
+        if w.shape[-1] == 1 < xhat.shape[-1] and not traced():
+            # per channel of (N, C, H, W): torch's CPU addcmul with a small first operand
+            # broadcast over the inner dims is 3x slower than a product and an in-place
+            # add (8 x 64 x 56 x 56: 0.66 ms against 0.19 ms); along the last dim
+            # (LayerNorm) it is the faster
+            return (xhat * w).add_(b)
         return torch.addcmul(b, xhat, w)
     if w is not None:
         return xhat * w
@@ -302,8 +308,12 @@ def _batch_norm_train_eager(x: Tensor, w: Tensor | None, b: Tensor | None,
     shape = (1, -1) + (1,) * (x.dim() - 2)
     var, mean, centred = centred_stats(x, (0, *range(2, x.dim())))
     rstd = torch.rsqrt(var + eps)
-    s = rstd * w.view(shape) if w is not None else rstd  # one pass: centred s + b
-    y = torch.addcmul(b.view(shape), centred, s) if b is not None else centred.mul_(s)
+    if traced():  # (out of place, as _scale_shift says)
+        y = _scale_shift(centred * rstd, None if w is None else w.view(shape),
+                         None if b is None else b.view(shape))
+    else:  # centred s + b with s = w rstd, into centred: two passes
+        s = rstd * w.view(shape) if w is not None else rstd
+        y = centred.mul_(s) if b is None else centred.mul_(s).add_(b.view(shape))
     return y, mean.view(-1), var.view(-1)
 
 
@@ -337,7 +347,9 @@ def _batch_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, mean: Tensor
     g_sum = g.sum(dims, keepdim=True)
     gc_sum = (g * centred).sum(dims, keepdim=True)
     m = x.numel() // g_sum.numel()
-    grad_x = torch.addcmul(s * g_sum / -m, g, s)  # s g - s sum(g) / m
+    # s g - s sum(g) / m - centred s rstd^2 sum(g centred) / m, into a fresh g s (an
+    # addcmul whose first operand is per channel is 3x slower on a CPU: _scale_shift)
+    grad_x = (g * s).sub_(s * g_sum / m)
     grad_x = grad_x.addcmul_(centred, s * rstd.square() * gc_sum / -m)
     return grad_x, (rstd * gc_sum).view(-1) if w is not None else None, g_sum.view(-1)
 
@@ -381,6 +393,13 @@ class GroupNormFunction(Function):
         N, C = x.shape[:2]
         m = math.prod(x.shape[1:]) // groups  # (not -1: an empty batch has no size to infer)
         centred, mean, rstd = _row_stats(x.reshape(N * groups, m), eps)
+        if w is not None and N * C and not traced():
+            # centred (rstd w) + b, into centred: the scale per sample and channel is
+            # one pass where xhat and then xhat w are two, and a second tensor
+            scale = (rstd.view(N, groups, 1) * w.view(1, groups, -1)).reshape(N, C, 1)
+            y = centred.view(N, C, -1).mul_(scale)
+            y = y if b is None else y.add_(b.view(1, C, 1))
+            return y.view(x.shape), mean, rstd
         xhat = centred.mul_(rstd).view(x.shape)
         shape = (1, C) + (1,) * (x.dim() - 2)
         return _scale_shift(xhat, None if w is None else w.view(shape),
@@ -446,7 +465,36 @@ def _group_norm_grads_eager(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
     return grad_x, grad_w, grad_b
 
 
-@fusable(eager=_group_norm_grads_eager)
+def _group_norm_grads_sums(x: Tensor, g: Tensor, w: Tensor | None, groups: int,
+                          mean: Tensor, rstd: Tensor, eps: float) -> tuple[Tensor | None, ...]:
+    """GroupNormFunction's three lines from two sums per sample and channel, sum(g) and
+    sum(g x), with the forward's mean and rstd (k runs over a group's channels, M over
+    its positions, m = k M):
+        mean(dxhat)       = sum_k w_k sum(g)_k / m
+        mean(dxhat xhat)  = rstd sum_k w_k (sum(g x)_k - mean sum(g)_k) / m
+    so dL/dx = a g + c x + d, with a = rstd w_k, c = -rstd^2 mean(dxhat xhat) and
+    d = rstd^2 mean mean(dxhat xhat) - rstd mean(dxhat), each per sample and channel:
+    one full-size tensor and four passes over memory, where the lines as written make
+    six tensors and twelve passes (8 x 64 x 56 x 56 on a 2-core CPU: 3.2 ms to 1.0 ms)."""
+    N, C = x.shape[:2]
+    m = math.prod(x.shape[1:]) // groups
+    xf, gf = x.reshape(N, C, -1), g.reshape(N, C, -1)
+    sum_g = gf.sum(2).view(N, groups, -1)  # (N, G, C/G)
+    sum_gx = torch.linalg.vecdot(gf, xf).view(N, groups, -1)
+    mean, rstd = mean.view(N, groups, 1), rstd.view(N, groups, 1)
+    wk = w.view(1, groups, -1) if w is not None else torch.ones_like(sum_g[:1])
+    sum_gc = sum_gx - mean * sum_g  # sum of g centred, per sample and channel
+    mean_dxhat = (wk * sum_g).sum(2, keepdim=True) / m
+    mean_dxhat_xhat = rstd * (wk * sum_gc).sum(2, keepdim=True) / m
+    a = (rstd * wk).reshape(N, C, 1)
+    c = (-rstd.square() * mean_dxhat_xhat).expand_as(sum_g).reshape(N, C, 1)
+    d = (rstd.square() * mean * mean_dxhat_xhat - rstd * mean_dxhat).expand_as(sum_g)
+    grad_x = (gf * a).addcmul_(xf, c).add_(d.reshape(N, C, 1))
+    grad_w = (rstd * sum_gc).sum(0).reshape(C) if w is not None else None
+    return grad_x.view(x.shape), grad_w, sum_g.sum(0).reshape(C)
+
+
+@fusable(eager=_group_norm_grads_sums)
 def _group_norm_grads(x: Tensor, g: Tensor, w: Tensor | None, groups: int, mean: Tensor,
                       rstd: Tensor, eps: float) -> tuple[Tensor | None, ...]:
     """GroupNormFunction's three lines, as its docstring writes them, per (sample, group)."""
