@@ -63,8 +63,9 @@ class Fusable:
         self.failed = False
 
     def __call__(self, *args: Any) -> Any:
-        t = next(a for a in args if isinstance(a, Tensor))
-        if not self.applies(t):
+        t = args[0] if isinstance(args[0], Tensor) else next(
+            a for a in args if isinstance(a, Tensor))
+        if t.numel() < MIN_ELEMENTS or not self.applies(t):  # (the cheap test first)
             return self.eager(*args)
         key = (t.device.type, t.dtype, torch.get_num_threads())
         choice = self.choices.get(key)
