@@ -110,36 +110,38 @@ def test_a_formula_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch
 
 
 def test_faster_measures_once_per_key_and_follows_the_mode(monkeypatch):
-    calls = {"plain": 0, "variant": 0}
+    calls = {"plain": 0, "variant": 0, "other": 0}
 
-    def plain(z):
-        calls["plain"] += 1
-        return z * 2
+    def form(name, fn):
+        def run(z):
+            calls[name] += 1
+            return fn(z)
+        return run
 
-    def variant(z):
-        calls["variant"] += 1
-        return z + z
-
+    forms = (form("plain", lambda z: z * 2), form("variant", lambda z: z + z),
+             form("other", lambda z: torch.mul(z, 2)))
     z, choices = torch.randn(1000), {}
     monkeypatch.setattr(_fuse, "MODE", "auto")
-    chosen = _fuse.faster(choices, ("k",), plain, variant, (z,))
-    assert calls == {"plain": 4, "variant": 4}  # a warm-up, then three timed turns each
-    assert chosen is (variant if choices[("k",)] else plain)
-    assert _fuse.faster(choices, ("k",), plain, variant, (z,)) is chosen
-    assert calls == {"plain": 4, "variant": 4}  # decided once for the key
+    chosen = _fuse.faster(choices, ("k",), forms, (z,))
+    assert calls == {"plain": 4, "variant": 4, "other": 4}  # a warm-up, three timed turns
+    assert chosen is forms[choices[("k",)]]
+    assert _fuse.faster(choices, ("k",), forms, (z,)) is chosen
+    assert calls == {"plain": 4, "variant": 4, "other": 4}  # decided once for the key
     monkeypatch.setattr(_fuse, "MODE", "never")
-    assert _fuse.faster({}, ("k",), plain, variant, (z,)) is plain
+    assert _fuse.faster({}, ("k",), forms, (z,)) is forms[0]
     monkeypatch.setattr(_fuse, "MODE", "always")
-    assert _fuse.faster({}, ("k",), plain, variant, (z,)) is variant
+    assert _fuse.faster({}, ("k",), forms, (z,)) is forms[1]
     seen = []
-    torch.func.vmap(lambda t: seen.append(_fuse.faster({}, ("k",), plain, variant, (z,)))
+    torch.func.vmap(lambda t: seen.append(_fuse.faster({}, ("k",), forms, (z,)))
                     or t)(torch.ones(2))
-    assert seen == [plain]  # traced: the plain form
+    assert seen == [forms[0]]  # traced: the plain form
 
 
 CONVS = {  # (in channels, out, kernel, stride, padding, dilation, groups), input (N, H, W)
     "3x3": ((16, 24, 3, 1, 1, 1, 1), (4, 48, 48)),
+    "1x1": ((16, 32, 1, 1, 0, 1, 1), (4, 48, 48)),
     "1x1 stride 2": ((16, 32, 1, 2, 0, 1, 1), (4, 48, 48)),
+    "1x1 stride 2 odd size": ((16, 32, 1, 2, 0, 1, 1), (4, 49, 47)),
     "7x7 stride 2 pad 3": ((3, 16, 7, 2, 3, 1, 1), (8, 96, 96)),
     "dilated grouped": ((16, 16, 3, 1, 2, 2, 4), (4, 48, 48)),
     "depthwise stride 2 odd size": ((16, 16, 3, 2, 1, 1, 16), (4, 49, 47)),
@@ -173,3 +175,19 @@ def test_conv_layouts_give_torchs_gradients(name, mode, channels_last, monkeypat
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
     assert grads[1][1].stride() == grads[0][1].stride()  # dL/dx in torch's layout
     assert len(conv._layout_choices) == len(conv._input_layout_choices) == int(mode == "auto")
+
+
+@pytest.mark.parametrize("name", [n for n in CONVS if n.startswith("1x1")])
+def test_every_weight_gradient_form_gives_torchs(name):
+    """Each form conv.backward may measure and keep, called directly: dL/dW against
+    torch.nn's, float64."""
+    (c, o, k, s, p, d, groups), (n, h, w) = CONVS[name]
+    torch.manual_seed(0)
+    layer = nn.Conv2d(c, o, k, s, p, d, groups, bias=False).double()
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    out = layer(x)
+    g = torch.cos(out.detach())
+    out.backward(g)
+    for form in (conv._weight_grad, conv._weight_grad_channels_last, conv._weight_grad_1x1):
+        got = form(x, g, (s, s), (p, p), (d, d), groups, k, k)
+        torch.testing.assert_close(got, layer.weight.grad, rtol=1e-10, atol=1e-10)

@@ -107,30 +107,31 @@ class Fusable:
         return statistics.median(times[True]) < statistics.median(times[False])
 
 
-def faster(choices: dict[tuple, bool], key: tuple, plain: Callable[..., Any],
-           variant: Callable[..., Any], args: tuple) -> Callable[..., Any]:
-    """``plain`` or ``variant``, two ways to the same values, by ``MODE``: the variant
-    under ``"always"``, the plain form under ``"never"`` and wherever code is traced, and
-    under ``"auto"`` whichever ran faster on ``args`` (the call's own inputs, best of three
-    in turn after a warm-up) the first time ``key`` was seen, kept in ``choices``."""
+def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any], ...],
+           args: tuple) -> Callable[..., Any]:
+    """One of ``forms``, ways to the same values, the first the plain one, by ``MODE``:
+    the second under ``"always"``, the plain one under ``"never"`` and wherever code is
+    traced, and under ``"auto"`` whichever ran fastest on ``args`` (the call's own
+    inputs, best of three in turn after a warm-up) the first time ``key`` was seen, its
+    index kept in ``choices``."""
     if MODE == "never" or traced():
-        return plain
+        return forms[0]
     if MODE == "always":
-        return variant
+        return forms[1]
     choice = choices.get(key)
     if choice is None:
         device = next(a for a in args if isinstance(a, Tensor)).device
-        best = {False: float("inf"), True: float("inf")}
+        best = [float("inf")] * len(forms)
         for turn in range(4):
-            for form in (False, True) if turn % 2 else (True, False):
+            for i in range(len(forms)) if turn % 2 else reversed(range(len(forms))):
                 _sync(device)
                 start = time.perf_counter()
-                (variant if form else plain)(*args)
+                forms[i](*args)
                 _sync(device)
                 if turn:  # (the first turn warms up)
-                    best[form] = min(best[form], time.perf_counter() - start)
-        choice = choices[key] = best[True] < best[False]
-    return variant if choice else plain
+                    best[i] = min(best[i], time.perf_counter() - start)
+        choice = choices[key] = best.index(min(best))
+    return forms[choice]
 
 
 def fusable(eager: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], Fusable]:
