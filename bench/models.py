@@ -10,6 +10,9 @@ same batch: interleaved rounds, the ratio being the median of the per-round rati
   batch 8, with token and position embeddings and a tied-free head, cross-entropy;
 - the CNN of configs/mnist_cnn.yaml (MNISTConvNet), batch 64 of 28 x 28.
 
+Beside the times, each step's memory (``step_memory``): the peak on a GPU, and on the
+CPU the bytes kept for backward.
+
     python -m bench.models            # prints the table
     python -m bench.models --save     # and writes bench/results/models-cpu.md (and -cuda)
 """
@@ -69,6 +72,35 @@ def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return run
 
 
+def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                loss_fn: nn.Module) -> int:
+    """Bytes of one forward + backward: on CUDA the peak allocated above what was there
+    before; on the CPU, where torch keeps no allocator statistics, the bytes autograd
+    keeps alive for backward (every saved tensor's storage, counted once; the batch and
+    the parameters, there anyway, left out): the part of the peak a layer controls."""
+    device = x.device
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    theirs = {t.untyped_storage().data_ptr() for t in (x, y, *model.parameters(),
+                                                        *model.buffers())}
+    return sum(v for k, v in saved.items() if k not in theirs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -80,11 +112,17 @@ def main() -> None:
             fns = {"torch.nn": step(theirs, x, y, nn.CrossEntropyLoss()),
                    "manual_grad": step(report.model, x, y, manual_grad.CrossEntropyLoss())}
             times = interleaved(fns, device, repeats=args.repeats)
+            memory = [step_memory(m, x, y, loss()) for m, loss in (
+                (theirs, nn.CrossEntropyLoss), (report.model, manual_grad.CrossEntropyLoss))]
             rows.append([name, f"{report.coverage()[0]:.0%}", ms(times.median("torch.nn")),
                          ms(times.median("manual_grad")),
-                         f"{times.ratio('manual_grad', 'torch.nn'):.2f}"])
+                         f"{times.ratio('manual_grad', 'torch.nn'):.2f}",
+                         f"{memory[0] / 2**20:.1f}", f"{memory[1] / 2**20:.1f}",
+                         f"{memory[1] / memory[0]:.2f}"])
+        what = "peak MiB" if device.type == "cuda" else "saved MiB"
         table("Training steps of real models: manual_grad (converted) against torch.nn",
-              ["model", "hand-derived params", "torch.nn ms", "manual_grad ms", "ratio"],
+              ["model", "hand-derived params", "torch.nn ms", "manual_grad ms", "ratio",
+               f"torch.nn {what}", f"manual_grad {what}", "memory ratio"],
               rows, device, "models")
 
 

@@ -1181,5 +1181,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         scale = 1.0 / float(query.shape[-1]) ** 0.5
     rows = attention_rows(math.prod(batch_shape), L, S)
     return ScaledDotProductAttentionFunction.apply(query, key, value, bias, keep, scale,
-                                                   keep_scale, is_causal, rows)[0]
+                                                   keep_scale, is_causal, rows)
 

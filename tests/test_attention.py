@@ -393,3 +393,29 @@ def test_multihead_attention_compiles_fullgraph_like_eager(need_weights):
     ye = module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
     torch.testing.assert_close(yc, ye)
     torch.testing.assert_close(gc, torch.autograd.grad(ye.sum(), [x, *module.parameters()]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_keeps_no_more_for_backward_than_torchs(causal):
+    """What attention holds between forward and backward, beyond its inputs: nothing of
+    size L x S (the weights are recomputed in backward), so no more than torch's own
+    attention keeps, at a size small enough to be one chunk."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, requires_grad=True) for _ in range(3))
+
+    def extra_bytes(sdpa):
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = sdpa(q, k, v, is_causal=causal)
+        inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+        out.sum().backward()
+        return sum(n for ptr, n in saved.items() if ptr not in inputs)
+
+    ours = extra_bytes(manual_grad.functional.scaled_dot_product_attention)
+    assert ours < 2 * 4 * 64 * 64 * 4  # not even one float32 copy of the weights
+    assert ours <= extra_bytes(torch.nn.functional.scaled_dot_product_attention)
