@@ -167,6 +167,9 @@ CASES = [
                                                       "count_include_pad": False}, inputs=img()),
     Case("AvgPool2d-divisor", "AvgPool2d", ((2, 3),), {"stride": 1, "divisor_override": 4},
          inputs=img()),
+    # windows that tile the image (stride = kernel), a row left over, a divisor given
+    Case("AvgPool2d-tiles-divisor", "AvgPool2d", ((2, 3),), {"divisor_override": 5},
+         inputs=img()),
     # ceil_mode: the last windows reach past the padded input (7 x 6 images)
     Case("AvgPool2d-ceil", "AvgPool2d", (3,), {"stride": 2, "ceil_mode": True}, inputs=img()),
     Case("AvgPool2d-ceil-pad-exclude", "AvgPool2d", (3,), {"stride": 2, "padding": 1,

@@ -120,6 +120,16 @@ class AvgPool2dFunction(Function):
             else:  # the input's own elements only
                 counted[..., ph : ph + H, pw : pw + W] = 1.0
             divisor = F.unfold(counted, (kh, kw), stride=(sh, sw)).sum(1).view(1, 1, L)
+        if (sh, sw) == (kh, kw) and not (ph or pw or eh or ew) and isinstance(divisor, float):
+            # windows that tile the input without overlap: each element's one window's
+            # g / d, written straight into place (fold's scatter-add has nothing to add;
+            # on a 2-core CPU it took 2.5x as long with two threads); rows and columns
+            # no window reached (floor mode) get 0
+            tiles = (g.reshape(-1, Ho, 1, Wo, 1) / divisor).expand(-1, Ho, kh, Wo, kw)
+            grad_x = tiles.reshape(-1, Ho * kh, Wo * kw)
+            if (Ho * kh, Wo * kw) != (H, W):
+                grad_x = F.pad(grad_x, (0, W - Wo * kw, 0, H - Ho * kh))
+            return grad_x.reshape(ctx.x_shape), None, None, None, None, None, None
         per_window = g.reshape(-1, 1, L) / divisor  # (N C, 1, L)
         d_cols = per_window.expand(-1, kh * kw, L)
         grad_x = F.fold(d_cols, (H + eh, W + ew), (kh, kw), padding=(ph, pw), stride=(sh, sw))
