@@ -144,8 +144,8 @@ def _weight_grad(x: Tensor, g: Tensor, s: Any, p: Any, d: Any, G: int, kh: int, 
 def _weight_grad_channels_last(*args: Any) -> Tensor:
     """The same convolution on channels-last copies of its operands. The kernel here is as
     large as the image, a shape convolution libraries handle best channels-last: on a
-    2-core x86 CPU (oneDNN) 20-30% faster at resnet sizes, copies included, and slower at
-    some small ones, so it is measured per shape (_fuse.faster)."""
+    2-core x86 CPU (oneDNN) up to 30% faster at resnet sizes, copies included, and slower
+    at some small ones, so it is measured per shape (_fuse.faster)."""
     return _weight_grad(*args, layout=torch.channels_last)
 
 
