@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from torch import nn
+from torch.nn import functional as torch_functional
 from torch.nn.utils import parametrize
 
-from manual_grad import modules
+from manual_grad import functional, modules
 
 # exact torch.nn type -> its manual_grad subclass; a user's own subclass is left alone,
 # since its forward may do something else
@@ -35,6 +36,12 @@ def counterparts() -> dict[type[nn.Module], type[nn.Module]]:
         return COUNTERPARTS
     from manual_grad import vision
     return {**COUNTERPARTS, **vision.COUNTERPARTS}
+
+# torch's activation functions as torch.nn layers hold them in an attribute
+# (TransformerEncoderLayer's and TransformerDecoderLayer's activation="relu" / "gelu"),
+# and manual_grad.functional's: the layer's forward calls whichever it holds
+ACTIVATIONS: dict[Callable[..., object], Callable[..., object]] = {
+    torch_functional.relu: functional.relu, torch_functional.gelu: functional.gelu}
 
 # options the manual layer refuses: such a layer is kept, and the report says why
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {
@@ -160,7 +167,10 @@ class Conversion(NamedTuple):
         return (ours / total if total else 1.0), (manual / layers if layers else 1.0)
 
     def __str__(self) -> str:
-        lines = [f"replaced {len(self.replaced)} layers with manual_grad ones"]
+        functions = sum(1 for what in self.replaced.values() if "activation function" in what)
+        lines = [f"replaced {len(self.replaced) - functions} layers"
+                 + (f" and {functions} activation functions" if functions else "")
+                 + " with manual_grad ones"]
         lines += [f"  kept {name or '<root>'}: {why}" for name, why in self.kept.items()]
         native, outside = self.native, self.outside
         if native:
@@ -247,6 +257,12 @@ def convert(model: nn.Module, inplace: bool = False, fuse: bool = False) -> Conv
             kept[name] = f"{kind.__name__} ({reason} is not supported by manual_grad)"
         else:
             kept[name] = _why_kept(module)
+    for name, module in model.named_modules():
+        held = vars(module).get("activation")
+        if type(module).__module__.startswith("torch.nn.") and held in ACTIVATIONS:
+            module.activation = ACTIVATIONS[held]
+            replaced[f"{name}.activation" if name else "activation"] = \
+                f"{held.__name__} (the activation function of {type(module).__name__})"
     if fuse:
         for name, module in list(model.named_modules()):
             block = _fused_class(module)

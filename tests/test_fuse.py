@@ -191,3 +191,51 @@ def test_every_weight_gradient_form_gives_torchs(name):
     for form in (conv._weight_grad, conv._weight_grad_channels_last, conv._weight_grad_1x1):
         got = form(x, g, (s, s), (p, p), (d, d), groups, k, k)
         torch.testing.assert_close(got, layer.weight.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_norms_take_every_layer_width_without_recompiling(monkeypatch):
+    """A model's BatchNorms come in many widths (efficientnet_b0: 16). Dynamo takes a
+    parameter's shape as fixed, so the compiled formula once recompiled for each width
+    and, past its recompile limit (8), raised under fullgraph: converted efficientnets,
+    mobilenets and densenets stopped in their first forward. Fourteen widths here, each
+    against torch.nn; the formulas stay compiled."""
+    monkeypatch.setattr(_fuse, "MODE", "always")
+    torch.manual_seed(0)
+    for c in [3, 5, 6, 7, 10, 12, 14, 20, 24, 28, 40, 48, 56, 80]:
+        theirs = nn.BatchNorm2d(c).double()
+        ours = manual_grad.convert(theirs).model
+        x = torch.randn(-(-2 ** 15 // c), c, 2, 2, dtype=torch.float64)  # >= 2**17 values
+        outs = []
+        for layer in (theirs, ours):
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            out.backward(torch.cos(out.detach()))
+            outs.append((out, xi.grad, layer.weight.grad, layer.running_var))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    for f in (normalization._batch_norm_train, normalization._batch_norm_grads):
+        assert not f.failed
+
+
+def test_a_formula_that_stops_compiling_later_runs_eagerly_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_fuse, "MODE", "always")
+
+    def formula(z):
+        return z * 2
+
+    f = _fuse.Fusable(formula)
+    z = torch.randn(_fuse.MIN_ELEMENTS)
+    with torch.no_grad():
+        f(z)  # compiled
+        calls = []
+
+        def refuse(*args):
+            calls.append(args)
+            raise RuntimeError("recompile limit hit")
+
+        f.compiled = refuse
+        with pytest.warns(UserWarning, match="runs eagerly from now on"):
+            out = f(z)
+        torch.testing.assert_close(out, z * 2)
+        assert f.failed and len(calls) == 1
+        f(z)  # eager now, without trying again
+        assert len(calls) == 1

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 from manual_grad.functions._fast_apply import traced
 
@@ -67,11 +68,22 @@ class Fusable:
             a for a in args if isinstance(a, Tensor))
         if t.numel() < MIN_ELEMENTS or not self.applies(t):  # (the cheap test first)
             return self.eager(*args)
+        # Parameters as plain tensors: Dynamo takes a parameter's shape as fixed, so each
+        # new layer width (a BatchNorm of 64 channels, then of 128, ...) would compile
+        # anew, seconds each, until its recompile limit refuses (an error under
+        # fullgraph): efficientnet_b0 has 16 widths
+        args = tuple(a.detach() if isinstance(a, Parameter) else a for a in args)
         key = (t.device.type, t.dtype, torch.get_num_threads())
         choice = self.choices.get(key)
         if choice is None:
             choice = self.choices[key] = self._choose(t.device, args)
-        return self.compiled(*args) if choice else self.eager(*args)
+        if not choice:
+            return self.eager(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # a later shape that will not compile: eager from now on
+            self._give_up(err)
+            return self.eager(*args)
 
     def applies(self, t: Tensor) -> bool:
         return (MODE != "never" and not self.failed and t.numel() >= MIN_ELEMENTS
@@ -83,15 +95,18 @@ class Fusable:
             self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         return True
 
+    def _give_up(self, err: Exception) -> None:
+        self.failed = True
+        warnings.warn(f"manual_grad: compiling {self.__name__} failed ({type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[0][:200]}); it runs eagerly from now "
+                      "on (set MANUAL_GRAD_FUSE=never to skip the attempt)", stacklevel=4)
+
     def _choose(self, device: torch.device, args: tuple) -> bool:
         try:
             self._compile()
             self.compiled(*args)  # compiles now
         except Exception as err:  # no compiler, an unsupported op: the eager formula
-            self.failed = True
-            warnings.warn(f"manual_grad: compiling {self.__name__} failed ({type(err).__name__}"
-                          f": {str(err).strip().splitlines()[0][:200]}); it runs eagerly "
-                          "(set MANUAL_GRAD_FUSE=never to skip the attempt)", stacklevel=3)
+            self._give_up(err)
             return False
         if MODE == "always":
             return True
