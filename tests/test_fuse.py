@@ -1,8 +1,9 @@
 """The formulas compiled into fused kernels (functions/_fuse.py) give what the eager ones
 and torch.nn give, forward and backward, and the choice between them is made at run time
-and kept per device, dtype and thread count."""
+and kept per device, dtype, thread count and size (to a power of two)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from manual_grad.functions import _fuse, activations, conv, normalization
 BIG = (16, 64, 256)  # 262,144 elements: above _fuse.MIN_ELEMENTS
 
 LAYERS = {
-    "GELU": (lambda: nn.GELU(), BIG, [activations._gelu, activations._gelu_grad]),
+    "GELU": (lambda: nn.GELU(), BIG, [activations._gelu_grad]),
     "GELU-tanh": (lambda: nn.GELU(approximate="tanh"), BIG,
-                  [activations._gelu, activations._gelu_grad]),
+                  [activations._gelu_grad]),
     "Softmax": (lambda: nn.Softmax(-1), BIG, [activations._softmax_grad]),
     "LogSoftmax": (lambda: nn.LogSoftmax(-1), BIG, [activations._log_softmax_grad]),
     "LayerNorm": (lambda: nn.LayerNorm(256), BIG,
@@ -51,7 +52,8 @@ def test_compiled_formulas_match_torch_and_the_eager_ones(name, dtype, monkeypat
         results[mode] = [out.detach(), xi.grad, *(p.grad.clone() for p in layer.parameters()),
                          *(b for b in layer.buffers() if b.is_floating_point())]
     for f in formulas:  # the compiled forms ran
-        assert f.choices.get(("cpu", dtype, torch.get_num_threads())) is True, f
+        assert f.choices.get(("cpu", dtype, torch.get_num_threads(),
+                              math.prod(shape).bit_length())) is True, f
     # float64: the same numbers to rounding; float32: to its precision relative to the
     # tensor's largest value (sums over 4,096 rows round differently in any order)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -86,13 +88,15 @@ def test_auto_measures_once_per_key_and_keeps_the_faster(monkeypatch):
     with torch.no_grad():
         z = torch.randn(_fuse.MIN_ELEMENTS)
         torch.testing.assert_close(f(z), z + 1)
-        key = ("cpu", torch.float32, torch.get_num_threads())
+        key = ("cpu", torch.float32, torch.get_num_threads(), z.numel().bit_length())
         eager_won = not f.choices[key]
         assert calls["eager"] == 3 + eager_won  # timed three times, then the call itself
         f(z)
         f(z)
         assert list(f.choices) == [key]  # decided once for the key
         assert calls["eager"] == 3 + 3 * eager_won
+        f(torch.randn(4 * _fuse.MIN_ELEMENTS))  # another size: measured again, for it
+        assert len(f.choices) == 2
 
 
 def test_a_formula_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):

@@ -10,10 +10,10 @@ execution changes.
 Whether it pays depends on the machine and the size, so it is chosen at run time
 (``MODE``, or the environment variable ``MANUAL_GRAD_FUSE``):
 
-- ``"auto"`` (default): the first call for a device, dtype and thread count compiles the
-  formula (a few seconds, once per process) and times it against the eager formula on
-  the call's own inputs; the faster is kept for that key. A failed compile (no C++
-  compiler, say) keeps the eager formula, with one warning.
+- ``"auto"`` (default): the first call for a device, dtype, thread count and size (to a
+  power of two) compiles the formula (a few seconds, once per process) and times it
+  against the eager formula on the call's own inputs; the faster is kept for that key.
+  A failed compile (no C++ compiler, say) keeps the eager formula, with one warning.
 - ``"always"``: compiled wherever it applies; ``"never"``: always eager.
 
 The same switch governs the other forms chosen by measurement (:func:`faster`), such as
@@ -39,7 +39,10 @@ from torch.nn import Parameter
 from manual_grad.functions._fast_apply import traced
 
 MODE = os.environ.get("MANUAL_GRAD_FUSE", "auto")
-MIN_ELEMENTS = 1 << 17  # below ~128K elements a compiled call's overhead outweighs the gain
+# below ~4K elements a compiled call's fixed cost (tens of microseconds) outweighs what
+# it saves; above, it depends on the formula and the size (a LayerNorm backward of 64K
+# values: 3x faster compiled; a GELU's: slower), so it is measured per size
+MIN_ELEMENTS = 1 << 12
 _DEVICES = ("cpu", "cuda")
 
 
@@ -60,7 +63,8 @@ class Fusable:
         self.eager = eager or fn
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
         self.compiled: Callable[..., Any] | None = None
-        self.choices: dict[tuple, bool] = {}  # (device type, dtype, threads) -> compiled?
+        # (device type, dtype, threads, size's power of two) -> compiled?
+        self.choices: dict[tuple, bool] = {}
         self.failed = False
 
     def __call__(self, *args: Any) -> Any:
@@ -72,8 +76,9 @@ class Fusable:
         # new layer width (a BatchNorm of 64 channels, then of 128, ...) would compile
         # anew, seconds each, until its recompile limit refuses (an error under
         # fullgraph): efficientnet_b0 has 16 widths
-        args = tuple(a.detach() if isinstance(a, Parameter) else a for a in args)
-        key = (t.device.type, t.dtype, torch.get_num_threads())
+        # (type(a) is, not isinstance: Parameter's isinstance runs Python, ~1 us a call)
+        args = tuple(a.detach() if type(a) is Parameter else a for a in args)
+        key = (t.device.type, t.dtype, torch.get_num_threads(), t.numel().bit_length())
         choice = self.choices.get(key)
         if choice is None:
             choice = self.choices[key] = self._choose(t.device, args)

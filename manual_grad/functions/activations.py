@@ -250,13 +250,16 @@ class GELUFunction(Function):
     'tanh':  u = z/2 (1 + t), t = tanh(k (z + c z^3)), k = sqrt(2/pi), c = 0.044715:
         du/dz = (1 + t)/2 + z/2 (1 - t^2) k (1 + 3 c z^2)
     and dL/dz = g * du/dz.
+
+    The forward value is torch's kernel's (one pass, as Softmax's is torch.softmax);
+    the derivative is the formula above.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(z: Tensor, approximate: str = "none") -> Tensor:
-        return _gelu(z, approximate)
+        return torch.nn.functional.gelu(z, approximate=approximate)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -289,22 +292,6 @@ def _gelu_slope(z: Tensor, approximate: str) -> Tensor:
     cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
     pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
     return cdf + z * pdf
-
-
-def _gelu_in_place(z: Tensor, approximate: str) -> Tensor:
-    """GELU's value, each step in place on one temporary (z itself is never written)."""
-    if approximate == "tanh":
-        t = torch.tanh((z * z).mul_(0.044715).add_(1).mul_(z).mul_(_SQRT_2_OVER_PI))
-        return t.add_(1).mul_(z).mul_(0.5)
-    return torch.erf(z * _INV_SQRT_2).add_(1).mul_(z).mul_(0.5)
-
-
-@fusable(eager=_gelu_in_place)
-def _gelu(z: Tensor, approximate: str) -> Tensor:
-    """u = z P(z), or its tanh form: the plain formula, compiled where that pays."""
-    if approximate == "tanh":
-        return 0.5 * z * (1 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
-    return z * 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
 
 
 def _gelu_grad_in_place(z: Tensor, g: Tensor, approximate: str) -> Tensor:

@@ -8,7 +8,7 @@ from torch.autograd import Function
 from torch.nn import functional as F
 
 from manual_grad.functions._fast_apply import fast_apply, legacy_batched, tangent_sum
-from manual_grad.functions._fuse import MIN_ELEMENTS, faster
+from manual_grad.functions._fuse import faster
 
 
 @fast_apply
@@ -65,7 +65,7 @@ class Conv2dFunction(Function):
                                         (Wd, Wo, s[1], p[1], d[1], kw)))
             args = (g, W.conj(), s, p, extra, G, d)
             form = _input_grad
-            if N * C * H * Wd >= MIN_ELEMENTS:  # measured: which layout is faster here
+            if N * C * H * Wd >= _MEASURED:  # measured: which layout is faster here
                 form = faster(_input_layout_choices, (
                     g.device.type, g.dtype, torch.get_num_threads(), g.shape, g.stride(),
                     W.shape, W.stride(), s, p, extra, G, d),
@@ -86,7 +86,7 @@ class Conv2dFunction(Function):
         elif ctx.needs_input_grad[1]:
             args = (x, g, s, p, d, G, kh, kw)
             form = _weight_grad
-            if x.numel() >= MIN_ELEMENTS:  # measured: which form is fastest here
+            if x.numel() >= _MEASURED:  # measured: which form is fastest here
                 forms = (_weight_grad, _weight_grad_channels_last)
                 if (kh, kw, G, *p) == (1, 1, 1, 0, 0):
                     forms += (_weight_grad_1x1,)
@@ -159,6 +159,8 @@ def _weight_grad_1x1(x: Tensor, g: Tensor, s: Any, p: Any, d: Any, G: int, kh: i
     return torch.bmm(g.flatten(2), cols.transpose(1, 2)).sum(0).view(g.shape[1], -1, 1, 1)
 
 
+# inputs from this many elements have their forms measured (below, the plain ones run)
+_MEASURED = 1 << 17
 # (device, dtype, threads, shapes, strides, options) -> the index of the form chosen
 _layout_choices: dict[tuple, int] = {}
 _input_layout_choices: dict[tuple, int] = {}
