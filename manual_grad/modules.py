@@ -375,71 +375,66 @@ class MultiheadAttention(nn.MultiheadAttention):
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         batched = query.dim() == 3
-        if self.batch_first and batched:  # the math below is torch's, sequence first
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        if not batched:
+        if not batched:  # one sequence: a batch of one, sequence first
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        L, N, E = query.shape
-        H, hd = self.num_heads, self.head_dim
+        first = self.batch_first and batched  # (N, L, E) in and out, else (L, N, E)
+        N, L = query.shape[:2] if first else query.shape[1::-1]
+        E, H, hd = query.shape[2], self.num_heads, self.head_dim
         if is_causal and attn_mask is None:
             raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask as well "
                                "(torch's rule: it is a hint); give the causal mask")
         causal = is_causal and key_padding_mask is None and not need_weights
         attn_mask = None if causal else _float_mask(attn_mask, query.dtype)
         key_padding_mask = _float_mask(key_padding_mask, query.dtype)
-        q, k, v = self._in_projection(query, key, value)
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, N, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, N, 1)])
+        q, k, v = self._in_projection(query, key, value)  # in the inputs' layout
+
+        def heads(t: Tensor) -> Tensor:  # (N, S, E) or (S, N, E) -> (N, H, S, hd), a view
+            t = t.unflatten(-1, (H, hd))
+            return t.transpose(1, 2) if first else t.permute(1, 2, 0, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        if self.bias_k is not None:  # one more key and value, the same for every sample
+            k = torch.cat([k, self.bias_k.view(1, H, 1, hd).expand(N, -1, -1, -1)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, H, 1, hd).expand(N, -1, -1, -1)], dim=2)
             attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else nn.functional.pad(
                 key_padding_mask, (0, 1))
-        # (L, N, E) -> (N H, L, hd): one row of heads per sample
-        q = q.reshape(L, N * H, hd).transpose(0, 1)
-        k = k.reshape(k.shape[0], N * H, hd).transpose(0, 1)
-        v = v.reshape(v.shape[0], N * H, hd).transpose(0, 1)
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(N * H, 1, hd)], dim=1)
-            v = torch.cat([v, v.new_zeros(N * H, 1, hd)], dim=1)
+            k = torch.cat([k, k.new_zeros(N, H, 1, hd)], dim=2)
+            v = torch.cat([v, v.new_zeros(N, H, 1, hd)], dim=2)
             attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else nn.functional.pad(
                 key_padding_mask, (0, 1))
-        S = k.shape[1]
-        if key_padding_mask is not None:  # (N, S) -> (N H, 1, S), added to the mask
-            kpm = key_padding_mask.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        S = k.shape[2]
+        if attn_mask is not None:  # (L, S) or (N H, L, S): broadcast to (N, H, L, S)
+            attn_mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else \
+                attn_mask.view(N, H, L, S)
+        if key_padding_mask is not None:  # (N, S): added to the mask
+            kpm = key_padding_mask.view(N, 1, 1, S)
             attn_mask = kpm if attn_mask is None else attn_mask + kpm
-        if attn_mask is not None and attn_mask.dim() == 2:
-            attn_mask = attn_mask.unsqueeze(0)
         p = self.dropout if self.training else 0.0
         if need_weights:
-            scores = F.matmul(q * (1.0 / float(hd)) ** 0.5, k.transpose(1, 2))
+            scores = F.matmul(q * (1.0 / float(hd)) ** 0.5, k.transpose(-2, -1))
             if attn_mask is not None:
                 scores = scores + attn_mask
             weights = F.dropout(F.softmax(scores, -1), p)
-            out = F.matmul(weights, v)  # (N H, L, hd)
+            out = F.matmul(weights, v)  # (N, H, L, hd)
         else:
-            heads = (N, H)
-            mask = None if attn_mask is None else attn_mask.view(
-                attn_mask.shape[0] // H if attn_mask.shape[0] > 1 else 1,
-                H if attn_mask.shape[0] > 1 else 1, L, S)
-            out = F.scaled_dot_product_attention(
-                q.view(*heads, L, hd), k.view(*heads, S, hd), v.view(*heads, S, hd), mask, p,
-                causal).view(N * H, L, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask, p, causal)
             weights = None
-        out = out.transpose(0, 1).reshape(L * N, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(L, N, -1)
+        # (N, H, L, hd) -> the heads side by side, in the inputs' layout
+        out = (out.transpose(1, 2) if first else out.permute(2, 0, 1, 3)).reshape(N * L, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = out.view(N, L, -1) if first else out.view(L, N, -1)
         if weights is not None:
-            weights = weights.view(N, H, L, S)
             if average_attn_weights:
                 weights = weights.mean(1)
             if not batched:
                 weights = weights.squeeze(0)
         if not batched:
             out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
         return out, weights
 
     def _in_projection(self, query: Tensor, key: Tensor,
