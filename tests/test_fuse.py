@@ -243,3 +243,23 @@ def test_a_formula_that_stops_compiling_later_runs_eagerly_with_one_warning(monk
         assert f.failed and len(calls) == 1
         f(z)  # eager now, without trying again
         assert len(calls) == 1
+
+
+def test_deterministic_algorithms_keep_the_plain_forms(monkeypatch):
+    """torch.use_deterministic_algorithms(True) asks for runs that repeat bit for bit;
+    a measured choice depends on timing, so the plain forms run, even under "always"."""
+    monkeypatch.setattr(_fuse, "MODE", "always")
+    f = _fuse.Fusable(lambda z: z * 2)
+    z = torch.randn(_fuse.MIN_ELEMENTS)
+    forms = (lambda t: t, lambda t: t.clone())
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            assert not f.applies(z)
+            assert _fuse.faster({}, ("k",), forms, (z,)) is forms[0]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    with torch.no_grad():
+        assert f.applies(z)
+        assert _fuse.faster({}, ("k",), forms, (z,)) is forms[1]

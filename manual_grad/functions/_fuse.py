@@ -22,7 +22,10 @@ the memory layout of convolution's weight gradient: ``"never"`` keeps the plain 
 It applies only to tensors of at least ``MIN_ELEMENTS`` elements, and never where the
 eager formula is required: while torch.compile or a torch.func transform traces (they
 see the formula itself), when a graph of the backward is wanted (double backward), or
-for tensor subclasses and the meta device.
+for tensor subclasses and the meta device. Under
+``torch.use_deterministic_algorithms(True)`` the plain forms always run: which form a
+measurement keeps depends on timing, and the forms round differently in the last bits,
+so a choice would make two runs differ.
 """
 
 import os
@@ -45,6 +48,7 @@ MODE = os.environ.get("MANUAL_GRAD_FUSE", "auto")
 # compiled but a (64, 256) BatchNorm1d 20% slower, and no model's step gained.
 MIN_ELEMENTS = 1 << 17
 _DEVICES = ("cpu", "cuda")
+_deterministic = torch.are_deterministic_algorithms_enabled
 
 
 def _sync(device: torch.device) -> None:
@@ -94,7 +98,8 @@ class Fusable:
     def applies(self, t: Tensor) -> bool:
         return (MODE != "never" and not self.failed and t.numel() >= MIN_ELEMENTS
                 and type(t) is Tensor and t.device.type in _DEVICES
-                and not torch.is_grad_enabled() and not traced())
+                and not torch.is_grad_enabled() and not traced()
+                and not _deterministic())
 
     def _compile(self) -> bool:
         if self.compiled is None:
@@ -131,11 +136,11 @@ class Fusable:
 def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any], ...],
            args: tuple) -> Callable[..., Any]:
     """One of ``forms``, ways to the same values, the first the plain one, by ``MODE``:
-    the second under ``"always"``, the plain one under ``"never"`` and wherever code is
-    traced, and under ``"auto"`` whichever ran fastest on ``args`` (the call's own
-    inputs, best of three in turn after a warm-up) the first time ``key`` was seen, its
-    index kept in ``choices``."""
-    if MODE == "never" or traced():
+    the second under ``"always"``, the plain one under ``"never"``, wherever code is
+    traced and under deterministic algorithms (module doc), and under ``"auto"``
+    whichever ran fastest on ``args`` (the call's own inputs, best of three in turn
+    after a warm-up) the first time ``key`` was seen, its index kept in ``choices``."""
+    if MODE == "never" or traced() or _deterministic():
         return forms[0]
     if MODE == "always":
         return forms[1]
