@@ -319,6 +319,8 @@ def single_pass_pays(key: tuple, single: Callable[..., Tensor], plain: Callable[
     and the same gradients): SINGLE_PASS, or the measured choice for ``key``."""
     if SINGLE_PASS != "auto":
         return SINGLE_PASS == "always"
+    if torch.are_deterministic_algorithms_enabled():  # (a choice by timing would let two
+        return False                                   # runs round differently)
     choice = _single_pass_choice.get(key)
     if choice is None:
         choice = _single_pass_choice[key] = _no_slower(single, plain, tensors)

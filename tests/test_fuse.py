@@ -247,8 +247,11 @@ def test_a_formula_that_stops_compiling_later_runs_eagerly_with_one_warning(monk
 
 def test_deterministic_algorithms_keep_the_plain_forms(monkeypatch):
     """torch.use_deterministic_algorithms(True) asks for runs that repeat bit for bit;
-    a measured choice depends on timing, so the plain forms run, even under "always"."""
-    monkeypatch.setattr(_fuse, "MODE", "always")
+    a measured choice depends on timing, so "auto" keeps the plain forms ("always" is
+    no choice, and holds)."""
+    from manual_grad import functional
+    monkeypatch.setattr(_fuse, "MODE", "auto")
+    monkeypatch.setattr(functional, "SINGLE_PASS", "auto")
     f = _fuse.Fusable(lambda z: z * 2)
     z = torch.randn(_fuse.MIN_ELEMENTS)
     forms = (lambda t: t, lambda t: t.clone())
@@ -258,8 +261,10 @@ def test_deterministic_algorithms_keep_the_plain_forms(monkeypatch):
         with torch.no_grad():
             assert not f.applies(z)
             assert _fuse.faster({}, ("k",), forms, (z,)) is forms[0]
+        assert not functional.single_pass_pays(("k",), None, None, ())  # nothing timed
+        monkeypatch.setattr(_fuse, "MODE", "always")
+        with torch.no_grad():
+            assert f.applies(z)
+            assert _fuse.faster({}, ("k",), forms, (z,)) is forms[1]
     finally:
         torch.use_deterministic_algorithms(before)
-    with torch.no_grad():
-        assert f.applies(z)
-        assert _fuse.faster({}, ("k",), forms, (z,)) is forms[1]

@@ -23,9 +23,9 @@ It applies only to tensors of at least ``MIN_ELEMENTS`` elements, and never wher
 eager formula is required: while torch.compile or a torch.func transform traces (they
 see the formula itself), when a graph of the backward is wanted (double backward), or
 for tensor subclasses and the meta device. Under
-``torch.use_deterministic_algorithms(True)`` the plain forms always run: which form a
-measurement keeps depends on timing, and the forms round differently in the last bits,
-so a choice would make two runs differ.
+``torch.use_deterministic_algorithms(True)``, ``"auto"`` keeps the plain forms: which
+form a measurement keeps depends on timing, and the forms round differently in the last
+bits, so a choice would make two runs differ (``"always"`` is no choice, and holds).
 """
 
 import os
@@ -99,7 +99,7 @@ class Fusable:
         return (MODE != "never" and not self.failed and t.numel() >= MIN_ELEMENTS
                 and type(t) is Tensor and t.device.type in _DEVICES
                 and not torch.is_grad_enabled() and not traced()
-                and not _deterministic())
+                and not (MODE == "auto" and _deterministic()))
 
     def _compile(self) -> bool:
         if self.compiled is None:
@@ -136,14 +136,16 @@ class Fusable:
 def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any], ...],
            args: tuple) -> Callable[..., Any]:
     """One of ``forms``, ways to the same values, the first the plain one, by ``MODE``:
-    the second under ``"always"``, the plain one under ``"never"``, wherever code is
-    traced and under deterministic algorithms (module doc), and under ``"auto"``
-    whichever ran fastest on ``args`` (the call's own inputs, best of three in turn
+    the second under ``"always"``, the plain one under ``"never"`` and wherever code is
+    traced, and under ``"auto"`` the plain one with deterministic algorithms on (module
+    doc), else whichever ran fastest on ``args`` (the call's own inputs, best of three in turn
     after a warm-up) the first time ``key`` was seen, its index kept in ``choices``."""
-    if MODE == "never" or traced() or _deterministic():
+    if MODE == "never" or traced():
         return forms[0]
     if MODE == "always":
         return forms[1]
+    if _deterministic():
+        return forms[0]
     choice = choices.get(key)
     if choice is None:
         device = next(a for a in args if isinstance(a, Tensor)).device
