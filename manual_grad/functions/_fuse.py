@@ -19,7 +19,8 @@ Whether it pays depends on the machine and the size, so it is chosen at run time
 The same switch governs the other forms chosen by measurement (:func:`faster`), such as
 the memory layout of convolution's weight gradient: ``"never"`` keeps the plain form.
 
-It applies only to tensors of at least ``MIN_ELEMENTS`` elements, and never where the
+It applies only to tensors of at least ``MIN_ELEMENTS`` elements (or the formula's own
+``min_elements``), and never where the
 eager formula is required: while torch.compile or a torch.func transform traces (they
 see the formula itself), when a graph of the backward is wanted (double backward), or
 for tensor subclasses and the meta device. Under
@@ -63,7 +64,8 @@ class Fusable:
     eager speed (in place, fewer temporaries); it runs wherever the compiled formula
     does not. Without it the formula itself runs eagerly."""
 
-    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None,
+                 min_elements: int | None = None) -> None:
         self.fn = fn
         self.eager = eager or fn
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
@@ -71,11 +73,12 @@ class Fusable:
         # (device type, dtype, threads, size's power of two) -> compiled?
         self.choices: dict[tuple, bool] = {}
         self.failed = False
+        self.min_elements = min_elements  # None: MIN_ELEMENTS, read at each call
 
     def __call__(self, *args: Any) -> Any:
         t = args[0] if isinstance(args[0], Tensor) else next(
             a for a in args if isinstance(a, Tensor))
-        if t.numel() < MIN_ELEMENTS or not self.applies(t):  # (the cheap test first)
+        if t.numel() < (self.min_elements or MIN_ELEMENTS) or not self.applies(t):
             return self.eager(*args)
         # Parameters as plain tensors: Dynamo takes a parameter's shape as fixed, so each
         # new layer width (a BatchNorm of 64 channels, then of 128, ...) would compile
@@ -96,7 +99,8 @@ class Fusable:
             return self.eager(*args)
 
     def applies(self, t: Tensor) -> bool:
-        return (MODE != "never" and not self.failed and t.numel() >= MIN_ELEMENTS
+        return (MODE != "never" and not self.failed
+                and t.numel() >= (self.min_elements or MIN_ELEMENTS)
                 and type(t) is Tensor and t.device.type in _DEVICES
                 and not torch.is_grad_enabled() and not traced()
                 and not (MODE == "auto" and _deterministic()))
@@ -162,6 +166,7 @@ def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any
     return forms[choice]
 
 
-def fusable(eager: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], Fusable]:
+def fusable(eager: Callable[..., Any] | None = None, min_elements: int | None = None
+            ) -> Callable[[Callable[..., Any]], Fusable]:
     """Decorator of a formula: see the module's docstring and :class:`Fusable`."""
-    return lambda fn: Fusable(fn, eager)
+    return lambda fn: Fusable(fn, eager, min_elements)
