@@ -268,3 +268,18 @@ def test_deterministic_algorithms_keep_the_plain_forms(monkeypatch):
             assert _fuse.faster({}, ("k",), forms, (z,)) is forms[1]
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch):
+    """A synchronize is illegal inside a CUDA graph's capture: a key first met there runs
+    the plain form and stays undecided (model.cuda_graph warms up before it captures, so
+    its keys are decided by then)."""
+    monkeypatch.setattr(_fuse, "MODE", "auto")
+    monkeypatch.setattr(_fuse, "_capturing", lambda: True)
+    forms = (lambda t: t, lambda t: t.clone())
+    z, choices = torch.randn(_fuse.MIN_ELEMENTS), {}
+    f = _fuse.Fusable(lambda t: t * 2, eager=lambda t: t * 2.0)
+    with torch.no_grad():
+        assert _fuse.faster(choices, ("k",), forms, (z,)) is forms[0]
+        torch.testing.assert_close(f(z), z * 2)
+    assert choices == {} and f.choices == {} and f.compiled is None

@@ -52,6 +52,12 @@ _DEVICES = ("cpu", "cuda")
 _deterministic = torch.are_deterministic_algorithms_enabled
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured: no timing then (a synchronize is illegal
+    inside a capture); the plain form runs, and nothing is decided."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,6 +95,8 @@ class Fusable:
         key = (t.device.type, t.dtype, torch.get_num_threads(), t.numel().bit_length())
         choice = self.choices.get(key)
         if choice is None:
+            if _capturing():
+                return self.eager(*args)
             choice = self.choices[key] = self._choose(t.device, args)
         if not choice:
             return self.eager(*args)
@@ -152,6 +160,8 @@ def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any
         return forms[0]
     choice = choices.get(key)
     if choice is None:
+        if _capturing():
+            return forms[0]
         device = next(a for a in args if isinstance(a, Tensor)).device
         best = [float("inf")] * len(forms)
         for turn in range(4):
