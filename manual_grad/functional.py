@@ -7,7 +7,6 @@ error that names the layer, the shapes or dtypes involved, and the fix.
 
 import math
 import os
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -54,6 +53,7 @@ from manual_grad.functions import (
 )
 from manual_grad.functions._constants import _HALF
 from manual_grad.functions._fast_apply import traced
+from manual_grad.functions._fuse import fastest
 from manual_grad.functions.losses import REDUCTIONS
 from manual_grad.functions.single_pass import cut_up
 
@@ -336,23 +336,8 @@ def _no_slower(single: Callable[..., Tensor], plain: Callable[..., Tensor],
                    for t in tensors)
     wanted = [t for t in copies if t is not None and t.requires_grad]
     device = next(t for t in copies if t is not None).device
-
-    def seconds(fn: Callable[..., Tensor]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        torch.autograd.grad(fn(*copies), wanted)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    best = {single: math.inf, plain: math.inf}
-    for turn in range(4):
-        for fn in (single, plain) if turn % 2 else (plain, single):
-            t = seconds(fn)
-            if turn:  # (the first turn warms up)
-                best[fn] = min(best[fn], t)
-    return best[single] <= best[plain]
+    runs = [lambda fn=fn: torch.autograd.grad(fn(*copies), wanted) for fn in (single, plain)]
+    return fastest(runs, device) == 0  # (a tie goes to the single pass)
 
 
 def _plain_linear_relu_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None,

@@ -163,17 +163,24 @@ def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any
         if _capturing():
             return forms[0]
         device = next(a for a in args if isinstance(a, Tensor)).device
-        best = [float("inf")] * len(forms)
-        for turn in range(4):
-            for i in range(len(forms)) if turn % 2 else reversed(range(len(forms))):
-                _sync(device)
-                start = time.perf_counter()
-                forms[i](*args)
-                _sync(device)
-                if turn:  # (the first turn warms up)
-                    best[i] = min(best[i], time.perf_counter() - start)
-        choice = choices[key] = best.index(min(best))
+        choice = choices[key] = fastest([lambda f=f: f(*args) for f in forms], device)
     return forms[choice]
+
+
+def fastest(runs: list[Callable[[], Any]], device: torch.device) -> int:
+    """The index of the run that took least time: each in turn (the order reversed every
+    other turn), one turn to warm up, then the best of three; a tie goes to the earlier.
+    Shared by the measured choices here and functional's single pass."""
+    best = [float("inf")] * len(runs)
+    for turn in range(4):
+        for i in range(len(runs)) if turn % 2 else reversed(range(len(runs))):
+            _sync(device)
+            start = time.perf_counter()
+            runs[i]()
+            _sync(device)
+            if turn:  # (the first turn warms up)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best.index(min(best))
 
 
 def fusable(eager: Callable[..., Any] | None = None, min_elements: int | None = None
