@@ -1,6 +1,7 @@
 """The formulas compiled into fused kernels (functions/_fuse.py) give what the eager ones
 and torch.nn give, forward and backward, and the choice between them is made at run time
-and kept per device, dtype, thread count and size (to a power of two)."""
+and kept per device, dtype, thread count and shape (past a formula's first shapes, per
+size to a power of two)."""
 
 import copy
 import math
@@ -29,7 +30,9 @@ LAYERS = {
     "BatchNorm2d": (lambda: nn.BatchNorm2d(16), (8, 16, 48, 48),
                     [normalization._batch_norm_train, normalization._batch_norm_grads]),
     "GroupNorm": (lambda: nn.GroupNorm(4, 16), (8, 16, 48, 48),
-                  [normalization._group_norm_grads]),
+                  [normalization._group_norm, normalization._group_norm_grads]),
+    "GroupNorm-no-affine": (lambda: nn.GroupNorm(4, 16, affine=False), (8, 16, 48, 48),
+                            [normalization._group_norm, normalization._group_norm_grads]),
 }
 
 
@@ -52,8 +55,7 @@ def test_compiled_formulas_match_torch_and_the_eager_ones(name, dtype, monkeypat
         results[mode] = [out.detach(), xi.grad, *(p.grad.clone() for p in layer.parameters()),
                          *(b for b in layer.buffers() if b.is_floating_point())]
     for f in formulas:  # the compiled forms ran
-        assert f.choices.get(("cpu", dtype, torch.get_num_threads(),
-                              math.prod(shape).bit_length())) is True, f
+        assert f.choices and f.eager not in f.choices.values(), f
     # float64: the same numbers to rounding; float32: to its precision relative to the
     # tensor's largest value (sums over 4,096 rows round differently in any order)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -88,8 +90,8 @@ def test_auto_measures_once_per_key_and_keeps_the_faster(monkeypatch):
     with torch.no_grad():
         z = torch.randn(_fuse.MIN_ELEMENTS)
         torch.testing.assert_close(f(z), z + 1)
-        key = ("cpu", torch.float32, torch.get_num_threads(), z.numel().bit_length())
-        eager_won = not f.choices[key]
+        key = ("cpu", torch.float32, torch.get_num_threads(), z.shape)
+        eager_won = f.choices[key] is eager
         assert calls["eager"] == 3 + eager_won  # timed three times, then the call itself
         f(z)
         f(z)
@@ -204,6 +206,7 @@ def test_compiled_norms_take_every_layer_width_without_recompiling(monkeypatch):
     mobilenets and densenets stopped in their first forward. Fourteen widths here, each
     against torch.nn; the formulas stay compiled."""
     monkeypatch.setattr(_fuse, "MODE", "always")
+    monkeypatch.setattr(_fuse, "STATIC_SHAPES", 2)  # then one compile for every size
     torch.manual_seed(0)
     for c in [3, 5, 6, 7, 10, 12, 14, 20, 24, 28, 40, 48, 56, 80]:
         theirs = nn.BatchNorm2d(c).double()
@@ -218,6 +221,31 @@ def test_compiled_norms_take_every_layer_width_without_recompiling(monkeypatch):
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
     for f in (normalization._batch_norm_train, normalization._batch_norm_grads):
         assert not f.failed
+
+
+def test_each_shape_is_compiled_as_static_code_until_the_limit_then_by_size(monkeypatch):
+    """The first STATIC_SHAPES shapes each get their own static compile (inductor's code
+    for symbolic sizes is slower), in a copy of the formula's code, so that Dynamo's
+    per-code recompile limit is never reached; later shapes share one compile with
+    symbolic sizes, chosen per size to a power of two, however many shapes come."""
+    monkeypatch.setattr(_fuse, "MODE", "always")
+    monkeypatch.setattr(_fuse, "STATIC_SHAPES", 3)
+    f = _fuse.Fusable(lambda z: z * 2 + 1)
+    n = _fuse.MIN_ELEMENTS
+    shapes = [(n,), (2, n), (3, n), (4, n), (5, n), (n, 6)]
+    with torch.no_grad():
+        for shape in shapes + shapes[:2]:  # the first two again: their own code
+            z = torch.randn(shape)
+            torch.testing.assert_close(f(z), z * 2 + 1)
+    assert list(f.static) == [("cpu", torch.float32, torch.Size(s)) for s in shapes[:3]]
+    codes = {id(run._torchdynamo_orig_callable.__code__) for run in f.static.values()}
+    assert len(codes) == 3  # a code object each (equal in value, so counted by identity)
+    assert f.compiled is not None and not f.failed
+    threads = torch.get_num_threads()
+    assert set(f.choices) == {("cpu", torch.float32, threads, torch.Size(s))
+                              for s in shapes[:3]} | {
+        ("cpu", torch.float32, threads, math.prod(s).bit_length()) for s in shapes[3:]}
+    assert set(f.choices.values()) == {*f.static.values(), f.compiled}
 
 
 def test_a_formula_that_stops_compiling_later_runs_eagerly_with_one_warning(monkeypatch):
@@ -236,7 +264,7 @@ def test_a_formula_that_stops_compiling_later_runs_eagerly_with_one_warning(monk
             calls.append(args)
             raise RuntimeError("recompile limit hit")
 
-        f.compiled = refuse
+        f.choices = dict.fromkeys(f.choices, refuse)
         with pytest.warns(UserWarning, match="runs eagerly from now on"):
             out = f(z)
         torch.testing.assert_close(out, z * 2)
@@ -282,4 +310,4 @@ def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch):
     with torch.no_grad():
         assert _fuse.faster(choices, ("k",), forms, (z,)) is forms[0]
         torch.testing.assert_close(f(z), z * 2)
-    assert choices == {} and f.choices == {} and f.compiled is None
+    assert choices == {} and f.choices == {} and f.compiled is None and f.static == {}
