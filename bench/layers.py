@@ -31,6 +31,8 @@ CASES: list[Case] = [
     ("RMSNorm", lambda: nn.RMSNorm(256), (16, 128, 256), "LLaMA-style"),
     ("Conv2d 3x3", lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False), (8, 64, 56, 56),
      "resnet block"),
+    ("Conv2d 7x7/2", lambda: nn.Conv2d(3, 64, 7, 2, 3, bias=False), (8, 3, 224, 224),
+     "resnet stem"),
     ("MaxPool2d 3/2", lambda: nn.MaxPool2d(3, 2, 1), (8, 64, 112, 112), "resnet stem"),
     ("AvgPool2d 2", lambda: nn.AvgPool2d(2), (8, 64, 56, 56), "densenet"),
     ("Softmax", lambda: nn.Softmax(-1), (16, 4, 128, 128), "attention scores"),

@@ -183,20 +183,30 @@ def test_conv_layouts_give_torchs_gradients(name, mode, channels_last, monkeypat
     assert len(conv._layout_choices) == len(conv._input_layout_choices) == int(mode == "auto")
 
 
-@pytest.mark.parametrize("name", [n for n in CONVS if n.startswith("1x1")])
-def test_every_weight_gradient_form_gives_torchs(name):
-    """Each form conv.backward may measure and keep, called directly: dL/dW against
-    torch.nn's, float64."""
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_every_weight_gradient_form_gives_torchs(name, dtype, channels_last, monkeypatch):
+    """Each form conv.backward may measure and keep for these options, called directly:
+    dL/dW against torch.nn's. The columns' form also in blocks of fewer samples than
+    the batch (its last block short), and from an x that is a view into a larger one."""
     (c, o, k, s, p, d, groups), (n, h, w) = CONVS[name]
     torch.manual_seed(0)
-    layer = nn.Conv2d(c, o, k, s, p, d, groups, bias=False).double()
-    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    layer = nn.Conv2d(c, o, k, s, p, d, groups, bias=False).to(dtype)
+    x = torch.randn(n + 1, c, h, w, dtype=dtype)[1:]  # (storage offset: not 0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     out = layer(x)
     g = torch.cos(out.detach())
     out.backward(g)
-    for form in (conv._weight_grad, conv._weight_grad_channels_last, conv._weight_grad_1x1):
-        got = form(x, g, (s, s), (p, p), (d, d), groups, k, k)
-        torch.testing.assert_close(got, layer.weight.grad, rtol=1e-10, atol=1e-10)
+    forms = [conv._weight_grad, conv._weight_grad_channels_last]
+    forms += [conv._weight_grad_columns] if groups == 1 else []
+    forms += [conv._weight_grad_1x1] if (k, groups, p) == (1, 1, 0) else []
+    for block in (conv._COLUMNS_BLOCK, c * k * k * (h // s) * (w // s) * 3 // 2):
+        monkeypatch.setattr(conv, "_COLUMNS_BLOCK", block)
+        for form in forms:
+            got = form(x, g, (s, s), (p, p), (d, d), groups, k, k)
+            torch.testing.assert_close(got, layer.weight.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_compiled_norms_take_every_layer_width_without_recompiling(monkeypatch):
