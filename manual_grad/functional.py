@@ -717,6 +717,12 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
+def _within(t: Tensor, n: int) -> bool:
+    """Whether every value of the integer tensor t is in 0..n-1: one reduction."""
+    low, high = torch.aminmax(t)
+    return 0 <= int(low) and int(high) < n
+
+
 def _out_of_range(t: Tensor, n: int) -> int:
     return int(t.max()) if int(t.max()) >= n else int(t.min())
 
@@ -746,17 +752,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                 f"cross_entropy: logits of shape {tuple(input.shape)} (classes on dim "
                 f"{1 if input.dim() > 1 else 0}) need class-index targets of shape "
                 f"{tuple(expected)}, got {tuple(target.shape)}")
-        kept = target[target != ignore_index] if _can_read_values(target) else None
-        if kept is not None and kept.numel() and (int(kept.min()) < 0
-                                                  or int(kept.max()) >= n_classes):
-            raise IndexError(
-                f"cross_entropy: target holds class {_out_of_range(kept, n_classes)} "
-                f"but the input has {n_classes} classes (0..{n_classes - 1})")
+        if target.numel() and _can_read_values(target):
+            _check_classes(target, ignore_index, n_classes)
     if weight is not None and weight.shape != (n_classes,):
         raise ValueError(f"cross_entropy: weight must have shape ({n_classes},), got "
                          f"{tuple(weight.shape)}")
     return CrossEntropyLossFunction.apply(input, target, weight, ignore_index, reduction,
                                           label_smoothing)
+
+
+def _check_classes(target: Tensor, ignore_index: int, n_classes: int) -> None:
+    """Refuse class indices out of 0..n_classes-1 other than ignore_index, as torch's
+    nll_loss does. One reduction (aminmax) where every index is in range; the ignored
+    entries are set aside only when some is not."""
+    if _within(target, n_classes):
+        return
+    kept = target[target != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n_classes):
+        raise IndexError(
+            f"cross_entropy: target holds class {_out_of_range(kept, n_classes)} "
+            f"but the input has {n_classes} classes (0..{n_classes - 1})")
 
 
 # ---- normalisation and dropout ------------------------------------------------------
@@ -943,8 +958,7 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
         raise ValueError(f"embedding: weight must be 2-D (num_embeddings, embedding_dim), "
                          f"got shape {tuple(weight.shape)}")
     num = weight.shape[0]
-    if _can_read_values(input) and input.numel() and (int(input.min()) < 0
-                                                      or int(input.max()) >= num):
+    if _can_read_values(input) and input.numel() and not _within(input, num):
         bad = _out_of_range(input, num)
         raise IndexError(f"embedding: index {bad} is out of range for {weight.shape[0]} "
                          f"embeddings (0..{weight.shape[0] - 1})")
