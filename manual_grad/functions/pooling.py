@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from manual_grad.functions._fast_apply import fast_apply
+from manual_grad.functions._fast_apply import fast_apply, plain_backward
 
 
 @fast_apply
@@ -48,7 +48,10 @@ class MaxPool2dFunction(Function):
             # rule for flatten)
             n_out = g.shape[-2] * g.shape[-1]  # (not -1: an empty batch has no size to infer)
             rows, where = g.reshape(*lead, n_out), indices.reshape(*lead, n_out)
-            grad_x = flat.scatter_add(-1, where, rows).view(ctx.x_shape)
+            if plain_backward(g):  # into the fresh zeros: no second x-sized tensor
+                grad_x = flat.scatter_add_(-1, where, rows).view(ctx.x_shape)
+            else:
+                grad_x = flat.scatter_add(-1, where, rows).view(ctx.x_shape)
         return grad_x, None, None, None, None, None
 
     @staticmethod
