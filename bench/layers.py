@@ -99,7 +99,9 @@ def embedding_and_loss(device: torch.device) -> list[tuple[str, str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    # 25 rounds: a layer's step is ~0.1-1 ms here, and with 7 rounds one stray pause on a
+    # shared machine moved a ratio by 0.3
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="thread counts to run at (default: 1 and all)")
     args = add_save_flag(parser).parse_args()

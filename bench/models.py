@@ -103,7 +103,7 @@ def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = add_save_flag(parser).parse_args()
     for device in devices():
         rows = []
