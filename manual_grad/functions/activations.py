@@ -385,10 +385,10 @@ class LogSoftmaxFunction(Function):
 
 
 def _softmax_grad_in_place(u: Tensor, g: Tensor, dim: int) -> Tensor:
-    """u g - u sum(g u): the product g u serves the sum and is then corrected in place,
-    three ops and one full-size tensor where the formula makes four and three."""
-    gu = g * u
-    return gu.addcmul_(u, gu.sum(dim, keepdim=True), value=-1)
+    """The formula with its last product in place. (u g - u sum(g u), one addcmul into
+    g u, is 20% faster but rounds worse where g is near its weighted mean: the
+    difference of two products, not the product of a difference, as torch's kernel.)"""
+    return (g - (g * u).sum(dim, keepdim=True)).mul_(u)
 
 
 @fusable(eager=_softmax_grad_in_place)
