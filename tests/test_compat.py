@@ -29,6 +29,7 @@ INTERNALS = [
     "torch._foreach_mul_",
     "torch.nn.Module._parameters",
     "torch.autograd.Function._backward_cls",
+    "torch._inductor.compile",
     "lightning.pytorch.utilities.model_helpers.is_overridden",
     "lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler",
     "lightning LightningOptimizer._on_before_step/_on_after_step",
@@ -41,6 +42,7 @@ def _use_the_lazy_ones() -> None:
     _compat.is_overridden("training_step", manual_grad.training.MNISTRegressor(in_features=4))
     _compat.unrepeated_sampler(range(5), num_replicas=2, rank=0)
     _compat.step_count_hooks(LightningOptimizer(torch.optim.SGD([torch.zeros(1)], lr=1.0)))
+    _compat.inductor_compile()
 
 
 @pytest.mark.skipif(_compat.FORCED, reason="the fallbacks are forced in this process")

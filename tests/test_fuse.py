@@ -13,7 +13,7 @@ from torch import nn
 import manual_grad
 from manual_grad.functions import _fuse, activations, conv, normalization
 
-BIG = (16, 64, 256)  # 262,144 elements: above _fuse.MIN_ELEMENTS
+BIG = (16, 64, 256)  # 262,144 elements: above _fuse.MIN_ELEMENTS and conv._MEASURED
 
 LAYERS = {
     "GELU": (lambda: nn.GELU(), BIG, [activations._gelu_grad]),
@@ -105,7 +105,8 @@ def test_a_formula_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch
     monkeypatch.setattr(_fuse, "MODE", "always")
 
     def formula(z):
-        return torch.tensor(z.tolist()).sum() + z  # data-dependent: fullgraph refuses it
+        # reads a value: compiling refuses it, rather than keep the value it saw
+        return z * float(z.sum())
 
     f = _fuse.Fusable(formula)
     z = torch.randn(_fuse.MIN_ELEMENTS)
@@ -170,7 +171,7 @@ def test_conv_layouts_give_torchs_gradients(name, mode, channels_last, monkeypat
     x = torch.randn(n, c, h, w, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    assert x.numel() >= _fuse.MIN_ELEMENTS  # big enough for the layouts to be weighed
+    assert x.numel() >= conv._MEASURED  # big enough for the layouts to be weighed
     grads = []
     for layer in (theirs, ours):
         xi = x.clone().requires_grad_()
@@ -233,11 +234,14 @@ def test_compiled_norms_take_every_layer_width_without_recompiling(monkeypatch):
         assert not f.failed
 
 
-def test_each_shape_is_compiled_as_static_code_until_the_limit_then_by_size(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_each_shape_is_compiled_as_static_code_until_the_limit_then_by_size(dtype,
+                                                                            monkeypatch):
     """The first STATIC_SHAPES shapes each get their own static compile (inductor's code
-    for symbolic sizes is slower), in a copy of the formula's code, so that Dynamo's
-    per-code recompile limit is never reached; later shapes share one compile with
-    symbolic sizes, chosen per size to a power of two, however many shapes come."""
+    for symbolic sizes is slower): on the CPU for real dtypes inductor's, from the traced
+    graph (no Dynamo), else torch.compile's, each in a copy of the formula's code, so
+    that Dynamo's per-code recompile limit is never reached. Later shapes share one
+    compile with symbolic sizes, chosen per size to a power of two, however many come."""
     monkeypatch.setattr(_fuse, "MODE", "always")
     monkeypatch.setattr(_fuse, "STATIC_SHAPES", 3)
     f = _fuse.Fusable(lambda z: z * 2 + 1)
@@ -245,17 +249,49 @@ def test_each_shape_is_compiled_as_static_code_until_the_limit_then_by_size(monk
     shapes = [(n,), (2, n), (3, n), (4, n), (5, n), (n, 6)]
     with torch.no_grad():
         for shape in shapes + shapes[:2]:  # the first two again: their own code
-            z = torch.randn(shape)
+            z = torch.randn(shape, dtype=dtype)
             torch.testing.assert_close(f(z), z * 2 + 1)
-    assert list(f.static) == [("cpu", torch.float32, torch.Size(s)) for s in shapes[:3]]
-    codes = {id(run._torchdynamo_orig_callable.__code__) for run in f.static.values()}
-    assert len(codes) == 3  # a code object each (equal in value, so counted by identity)
+    assert list(f.static) == [("cpu", dtype, torch.Size(s)) for s in shapes[:3]]
+    if dtype.is_complex:  # torch.compile's, a code object each (counted by identity)
+        codes = {id(run._torchdynamo_orig_callable.__code__) for run in f.static.values()}
+        assert len(codes) == 3
+    else:  # inductor's, once per signature of the arguments
+        assert all(type(run) is _fuse._PerSignature and len(run.runs) == 1
+                   for run in f.static.values())
     assert f.compiled is not None and not f.failed
     threads = torch.get_num_threads()
-    assert set(f.choices) == {("cpu", torch.float32, threads, torch.Size(s))
-                              for s in shapes[:3]} | {
-        ("cpu", torch.float32, threads, math.prod(s).bit_length()) for s in shapes[3:]}
+    assert set(f.choices) == {("cpu", dtype, threads, torch.Size(s)) for s in shapes[:3]} | {
+        ("cpu", dtype, threads, math.prod(s).bit_length()) for s in shapes[3:]}
     assert set(f.choices.values()) == {*f.static.values(), f.compiled}
+
+
+def test_inductors_compiles_are_kept_per_signature_of_the_arguments(monkeypatch):
+    """What Dynamo's guards would check, a dictionary does: the same shape with other
+    strides, another constant, another thread count or no tensor at all is compiled
+    anew (each against the eager formula), and past RECOMPILES signatures the eager
+    formula runs."""
+    monkeypatch.setattr(_fuse._PerSignature, "RECOMPILES", 5)
+
+    def formula(z, w, c):
+        return z * c + (w if w is not None else 0)
+
+    run = _fuse._PerSignature(formula, formula)
+    z = torch.randn(64, 32)
+    w = torch.randn(32)
+    threads = torch.get_num_threads()
+    calls = [(z, w, 2.0), (z, w, 2.0), (z.t().contiguous().t(), w, 2.0), (z, w, 3.0),
+             (z, None, 2.0), (z, torch.ones(1).expand(32), 2.0)]
+    try:
+        with torch.no_grad():
+            for args in calls:
+                torch.testing.assert_close(run(*args), formula(*args))
+            torch.set_num_threads(1)
+            torch.testing.assert_close(run(*calls[0]), formula(*calls[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(run.runs) == 6  # five compiled, then (the sixth signature) the eager one
+    assert list(run.runs.values()).count(formula) == 1
+    assert list(run.runs.values())[-1] is formula
 
 
 def test_a_formula_that_stops_compiling_later_runs_eagerly_with_one_warning(monkeypatch):

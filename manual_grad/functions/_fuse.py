@@ -15,19 +15,21 @@ Whether it pays depends on the machine and the size, so it is chosen at run time
   it against the eager formula on the call's own inputs; the faster is kept for that
   key. A failed compile (no C++ compiler, say) keeps the eager formula, with one warning.
 
+- ``"always"``: compiled wherever it applies; ``"never"``: always eager.
+
 Each formula is compiled for its first ``STATIC_SHAPES`` shapes one by one, as static
 code: inductor's code for symbolic sizes ran 1.1-1.4x slower on this project's CPU
 (BatchNorm's backward at resnet sizes 804 us against 576, GroupNorm's 1,961 against
-348). Past those shapes (inputs whose lengths keep changing, say) one compile with
+348). On the CPU inductor compiles the formula's traced graph itself and it is called
+directly (:class:`_PerSignature`), without torch.compile's guards and frame hooks.
+Past those shapes (inputs whose lengths keep changing, say) one torch.compile with
 symbolic sizes serves the rest, chosen per size to a power of two, so that no
 sequence of shapes recompiles without end.
-- ``"always"``: compiled wherever it applies; ``"never"``: always eager.
 
 The same switch governs the other forms chosen by measurement (:func:`faster`), such as
 the memory layout of convolution's weight gradient: ``"never"`` keeps the plain form.
 
-It applies only to tensors of at least ``MIN_ELEMENTS`` elements (or the formula's own
-``min_elements``), and never where the
+It applies only to tensors of at least ``MIN_ELEMENTS`` elements, and never where the
 eager formula is required: while torch.compile or a torch.func transform traces (they
 see the formula itself), when a graph of the backward is wanted (double backward), or
 for tensor subclasses and the meta device. Under
@@ -47,15 +49,19 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import Parameter
+from torch.utils import _pytree as pytree
 
+from manual_grad import _compat
 from manual_grad.functions._fast_apply import traced
 
 MODE = os.environ.get("MANUAL_GRAD_FUSE", "auto")
-# Below ~128K elements a compiled call's fixed cost (tens of microseconds: Dynamo's
-# guards and wrappers) decides, and it is larger inside a model's step than in the
-# first call's measurement: from 4K elements, a 64K-value LayerNorm ran 20% faster
-# compiled but a (64, 256) BatchNorm1d 20% slower, and no model's step gained.
-MIN_ELEMENTS = 1 << 17
+# Below ~16K elements a compiled call's fixed cost (~10 us: inductor's wrapper, the
+# signature's lookup) outweighs what fusing saves. Through torch.compile, whose guards
+# and frame hooks cost 15-20 us more, the line was 128K: from 4K, a (64, 256)
+# BatchNorm1d ran 20% slower inside a step than its first call had measured. Called
+# directly (_PerSignature), from 16K: resnet18's step (batch 8, 64 x 64) went from
+# 1.32x torch.nn's to 1.25x, BatchNorm1d (64, 256) from 2.1-2.6x to 1.8-1.9x.
+MIN_ELEMENTS = 1 << 14
 STATIC_SHAPES = 8  # per formula: then one compile with symbolic sizes (module doc)
 _DEVICES = ("cpu", "cuda")
 _deterministic = torch.are_deterministic_algorithms_enabled
@@ -83,8 +89,8 @@ class Fusable:
     shapes (device type, dtype, threads, size's power of two), to what runs there: a
     compiled form of ``fn``, or ``eager``."""
 
-    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None,
-                 min_elements: int | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None
+                 ) -> None:
         self.fn = fn
         self.eager = eager or fn
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
@@ -92,12 +98,11 @@ class Fusable:
         self.static: dict[tuple, Callable[..., Any]] = {}  # (device, dtype, shape) -> code
         self.choices: dict[tuple, Callable[..., Any]] = {}
         self.failed = False
-        self.min_elements = min_elements  # None: MIN_ELEMENTS, read at each call
 
     def __call__(self, *args: Any) -> Any:
         t = args[0] if isinstance(args[0], Tensor) else next(
             a for a in args if isinstance(a, Tensor))
-        if t.numel() < (self.min_elements or MIN_ELEMENTS) or not self.applies(t):
+        if t.numel() < MIN_ELEMENTS or not self.applies(t):
             return self.eager(*args)
         # Parameters as plain tensors: Dynamo takes a parameter's shape as fixed, so each
         # new layer width (a BatchNorm of 64 channels, then of 128, ...) would compile
@@ -125,21 +130,27 @@ class Fusable:
 
     def applies(self, t: Tensor) -> bool:
         return (MODE != "never" and not self.failed
-                and t.numel() >= (self.min_elements or MIN_ELEMENTS)
+                and t.numel() >= MIN_ELEMENTS
                 and type(t) is Tensor and t.device.type in _DEVICES
                 and not torch.is_grad_enabled() and not traced()
                 and not (MODE == "auto" and _deterministic()))
 
     def _compiled_for(self, key: tuple) -> Callable[..., Any]:
         """The formula compiled for key's shape as static code, or (a key by size) for
-        symbolic sizes. Each shape's compile gets its own copy of the formula's code
-        object: Dynamo counts recompiles per code object, and refuses past 8."""
+        symbolic sizes. On the CPU, for real dtypes, inductor compiles the formula's
+        traced graph directly (_PerSignature); elsewhere torch.compile does, and each
+        shape's compile gets its own copy of the formula's code object: Dynamo counts
+        recompiles per code object, and refuses past 8."""
         if isinstance(key[3], int):
             if self.compiled is None:
                 self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
             return self.compiled
         shape_key = (key[0], key[1], key[3])
-        if shape_key not in self.static:
+        if shape_key in self.static:
+            return self.static[shape_key]
+        if key[0] == "cpu" and not key[1].is_complex and _compat.inductor_compile():
+            self.static[shape_key] = _PerSignature(self.fn, self.eager)
+        else:
             fn = self.fn
             copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                       fn.__defaults__, fn.__closure__)
@@ -172,6 +183,61 @@ class Fusable:
                 times[is_compiled].append(time.perf_counter() - start)
         return compiled if statistics.median(times[True]) < statistics.median(times[False]) \
             else self.eager
+
+
+class _PerSignature:
+    """``fn`` compiled by inductor from its traced graph, without Dynamo, once for each
+    signature of its arguments: every tensor's shape, strides, dtype and device, the
+    other arguments' values and the thread count, what Dynamo's guards would check
+    (these calls checked by a dictionary lookup). Dynamo's frame hook, guards and
+    wrappers cost 15-20 us a call on a 2-core CPU, a quarter of a LayerNorm backward's
+    at GPT sizes (75 us this way, 93 us through torch.compile; torch's kernel: 73 us).
+    Past ``RECOMPILES`` signatures, new ones run ``eager``."""
+
+    RECOMPILES = 8
+
+    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any]) -> None:
+        self.fn, self.eager = fn, eager
+        self.runs: dict[tuple, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        signature = (torch.get_num_threads(), *(
+            (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else a
+            for a in args))
+        run = self.runs.get(signature)
+        if run is None:
+            run = self.runs[signature] = self.eager if len(self.runs) >= self.RECOMPILES \
+                else _inductor_compile(self.fn, args)
+        return run(*args)
+
+
+def _inductor_compile(fn: Callable[..., Any], args: tuple) -> Callable[..., Any]:
+    """fn(*args) traced into a graph of aten ops (make_fx), its non-tensor arguments
+    fixed as constants, and compiled by inductor for exactly these inputs. The returned
+    function takes the same arguments and returns fn's structure of outputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    where = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+    structure: list[pytree.TreeSpec] = []
+
+    def flat(*tensors: Tensor) -> list[Any]:
+        full = list(args)
+        for i, t in zip(where, tensors, strict=True):
+            full[i] = t
+        leaves, spec = pytree.tree_flatten(fn(*full))
+        structure.append(spec)
+        return leaves
+
+    tensors = [args[i] for i in where]
+    # (fake tensors: a formula that reads values, which fullgraph compiles refuse,
+    # fails here too rather than keeping the values it saw)
+    compiled = _compat.inductor_compile()(make_fx(flat, tracing_mode="fake")(*tensors),
+                                          tensors)
+    spec = structure[0]
+
+    def run(*call_args: Any) -> Any:
+        return pytree.tree_unflatten(compiled(*[call_args[i] for i in where]), spec)
+    return run
 
 
 def faster(choices: dict[tuple, int], key: tuple, forms: tuple[Callable[..., Any], ...],
@@ -212,7 +278,7 @@ def fastest(runs: list[Callable[[], Any]], device: torch.device) -> int:
     return best.index(min(best))
 
 
-def fusable(eager: Callable[..., Any] | None = None, min_elements: int | None = None
+def fusable(eager: Callable[..., Any] | None = None
             ) -> Callable[[Callable[..., Any]], Fusable]:
     """Decorator of a formula: see the module's docstring and :class:`Fusable`."""
-    return lambda fn: Fusable(fn, eager, min_elements)
+    return lambda fn: Fusable(fn, eager)
