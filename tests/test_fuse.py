@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import manual_grad
-from manual_grad.functions import _fuse, activations, conv, normalization
+from manual_grad.functions import _fuse, activations, conv, losses, normalization
 
 BIG = (16, 64, 256)  # 262,144 elements: above _fuse.MIN_ELEMENTS and conv._MEASURED
 
@@ -62,6 +62,32 @@ def test_compiled_formulas_match_torch_and_the_eager_ones(name, dtype, monkeypat
     for a, b, c in zip(results["always"], results["never"], results["torch"], strict=True):
         for other in (b, c):
             torch.testing.assert_close(a, other, rtol=tol, atol=tol * other.abs().max())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(64, 1000), (8, 10, 24, 24)])
+def test_compiled_cross_entropy_gradient_matches_torch_and_the_scatter(shape, reduction,
+                                                                        monkeypatch):
+    """Cross-entropy's gradient for class indices (losses._index_grad), compiled with its
+    one-hot as a comparison, against the eager scatter form and torch.nn, with ignored
+    samples, for each reduction and with spatial dims; float64."""
+    torch.manual_seed(0)
+    z = torch.randn(shape, dtype=torch.float64)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    t.view(-1)[::7] = -100  # ignored
+    grads = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(_fuse, "MODE", mode)
+        zi = z.clone().requires_grad_()
+        out = manual_grad.CrossEntropyLoss(reduction=reduction)(zi, t)
+        out.backward(torch.ones_like(out) * 0.5)
+        grads[mode] = zi.grad
+    zt = z.clone().requires_grad_()
+    out = nn.CrossEntropyLoss(reduction=reduction)(zt, t)
+    out.backward(torch.ones_like(out) * 0.5)
+    assert losses._index_grad.choices  # the compiled form ran
+    torch.testing.assert_close(grads["always"], grads["never"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads["always"], zt.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_small_tensors_double_backward_and_tracing_keep_the_eager_formula(monkeypatch):

@@ -9,6 +9,7 @@ from torch.autograd import Function
 from manual_grad import _compat
 from manual_grad.functions._constants import constant
 from manual_grad.functions._fast_apply import fast_apply, plain_backward, tangent_sum
+from manual_grad.functions._fuse import fusable
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -324,20 +325,9 @@ class CrossEntropyLossFunction(Function):
         z, t, weight = ctx.saved_tensors
         dim = 1 if z.dim() > 1 else 0
         if _plain_indices(t, weight, ctx.label_smoothing) and ctx.needs_input_grad[0]:
-            # softmax(z) sum_c a_c - a with a one-hot at t: softmax(z) - onehot(t), written
-            # by one scatter of -1 at each kept sample's class (0 for ignored samples)
-            kept = t != ctx.ignore_index
-            keep, at = kept.unsqueeze(dim).to(z.dtype), torch.where(kept, t, 0).unsqueeze(dim)
-            if plain_backward(g):  # in place on the fresh softmax
-                grad_z = torch.softmax(z, dim).mul_(keep).scatter_add_(dim, at, -keep)
-            else:
-                grad_z = (torch.softmax(z, dim) * keep).scatter_add(dim, at, -keep)
-            if ctx.reduction == "none":
-                return grad_z * g.unsqueeze(dim), None, None, None, None, None
-            # (every sample ignored: every row is 0, and stays 0, as in torch, with the
-            # count taken as 1 rather than dividing 0 by 0)
-            scale = g / keep.sum().clamp_min(1) if ctx.reduction == "mean" else g
-            return grad_z * scale, None, None, None, None, None
+            args = (z, t, g, ctx.ignore_index, ctx.reduction)
+            grad_z = _index_grad(*args) if plain_backward(g) else _index_grad_scatter(*args)
+            return grad_z, None, None, None, None, None
         a, denominator = _cross_entropy_coefficients(z, t, weight, ctx.ignore_index,
                                                      ctx.label_smoothing)
         if ctx.reduction == "none":
@@ -357,6 +347,44 @@ class CrossEntropyLossFunction(Function):
             q = torch.log_softmax(z, dim)
             grad_t = -w * (1 - ctx.label_smoothing) * q * g_i
         return grad_z, grad_t, None, None, None, None
+
+
+def _index_grad_scatter(z: Tensor, t: Tensor, g: Tensor, ignore_index: int,
+                        reduction: str) -> Tensor:
+    """_index_grad's line, with the one-hot written by one scatter of -1 at each kept
+    sample's class, in place on the fresh softmax where no graph of it is wanted."""
+    dim = 1 if z.dim() > 1 else 0
+    kept = t != ignore_index
+    keep, at = kept.unsqueeze(dim).to(z.dtype), torch.where(kept, t, 0).unsqueeze(dim)
+    if plain_backward(g):
+        grad_z = torch.softmax(z, dim).mul_(keep).scatter_add_(dim, at, -keep)
+    else:
+        grad_z = (torch.softmax(z, dim) * keep).scatter_add(dim, at, -keep)
+    return grad_z * _index_grad_scale(g, kept, reduction, dim)
+
+
+def _index_grad_scale(g: Tensor, kept: Tensor, reduction: str, dim: int) -> Tensor:
+    """What each sample's row is multiplied by: g per sample ('none'), g, or g over the
+    count of kept samples ('mean'; every sample ignored: every row is 0, and stays 0, as
+    in torch, with the count taken as 1 rather than dividing 0 by 0)."""
+    if reduction == "none":
+        return g.unsqueeze(dim)
+    return g / kept.sum().clamp_min(1) if reduction == "mean" else g
+
+
+@fusable(eager=_index_grad_scatter)
+def _index_grad(z: Tensor, t: Tensor, g: Tensor, ignore_index: int, reduction: str
+                ) -> Tensor:
+    """dloss/dz for class indices, no weights, no smoothing (the docstring's line with a
+    one-hot at t): (softmax(z) - onehot(t)) scaled per sample, 0 for ignored samples;
+    compiled into one kernel where that pays (_fuse.py), the one-hot a comparison."""
+    dim = 1 if z.dim() > 1 else 0
+    kept = t != ignore_index
+    classes = torch.arange(z.shape[dim], device=z.device).view(
+        (-1,) + (1,) * (z.dim() - 1 - dim))
+    onehot = (classes == t.unsqueeze(dim)).to(z.dtype)
+    return (torch.softmax(z, dim) - onehot) * (kept.unsqueeze(dim).to(z.dtype)
+                                               * _index_grad_scale(g, kept, reduction, dim))
 
 
 def _plain_indices(t: Tensor, weight: Tensor | None, label_smoothing: float) -> bool:
