@@ -325,8 +325,9 @@ class CrossEntropyLossFunction(Function):
         z, t, weight = ctx.saved_tensors
         dim = 1 if z.dim() > 1 else 0
         if _plain_indices(t, weight, ctx.label_smoothing) and ctx.needs_input_grad[0]:
-            args = (z, t, g, ctx.ignore_index, ctx.reduction)
-            grad_z = _index_grad(*args) if plain_backward(g) else _index_grad_scatter(*args)
+            # (compiled where that pays; else the scatter form, out of place where a
+            # graph of it is wanted)
+            grad_z = _index_grad(z, t, g, ctx.ignore_index, ctx.reduction)
             return grad_z, None, None, None, None, None
         a, denominator = _cross_entropy_coefficients(z, t, weight, ctx.ignore_index,
                                                      ctx.label_smoothing)
