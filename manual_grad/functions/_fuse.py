@@ -2,9 +2,9 @@
 
 Written as torch ops, an element-wise formula such as GELU's slope P(z) + z p(z) makes
 one full pass over memory per op, where torch's own backward is one fused kernel: on
-the CPU that is the whole difference between them (GELU at GPT sizes: 3-5x torch's time
-eager, 0.9x compiled; docs/performance.md). ``torch.compile`` of the very same formula
-fuses its ops into one loop. The formula stays the one written here; only its
+the CPU that is most of the difference between them (GELU at GPT sizes: 3-5x torch's
+time eager, 1.2x compiled; docs/performance.md). Compiling the very same formula with
+inductor fuses its ops into one loop. The formula stays the one written here; only its
 execution changes.
 
 Whether it pays depends on the machine and the size, so it is chosen at run time
