@@ -137,6 +137,21 @@ def test_a_nan_run_stops_with_a_true_message_and_a_failing_exit(tmp_path):
     assert "the training loss was NaN or Inf from step" in done.stdout
 
 
+def test_a_run_stopped_mid_epoch_says_how_far_it_got(tmp_path, capsys):
+    """max_steps that ends inside an epoch: Lightning counts that epoch in current_epoch,
+    and the summary once said "finished 2 epochs" and "since the resume" for 1.4 epochs
+    of a run never resumed. It names the part epoch, and a resume only when there was
+    one."""
+    data = make_mnist_dir(tmp_path / "data")  # 5 steps an epoch
+    main(["fit", *tiny(data), "--trainer.max_steps", "7", "--trainer.max_epochs", "3"])
+    out = capsys.readouterr().out
+    assert "manual_grad: finished 1 epoch and 2 of the next one's 5 batches:" in out
+    assert "since the resume" not in out
+    main(["fit", *tiny(data), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    assert "manual_grad: finished 2 epochs:" in out and "since the resume" in out
+
+
 def test_an_interrupted_run_resumed_logs_what_an_uninterrupted_one_logs(tmp_path, capsys):
     data = make_mnist_dir(tmp_path / "data")
     args = [*tiny(data), "--trainer.precision", "64", "--trainer.max_epochs", "2"]

@@ -21,6 +21,9 @@ class RunReport(L.Callback):
         self.epochs_trained = 0.0  # epochs trained by this process, a partial one in part
         self._start: float | None = None
         self._batches = 0
+        # how far into the last epoch training got (batches of it, counted from the
+        # epoch's start also when resumed mid-epoch), and the epoch's length
+        self._reached, self._length = 0, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a run resumed mid-epoch enters that epoch without on_train_epoch_start
@@ -33,6 +36,7 @@ class RunReport(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: object, batch: object, batch_idx: int) -> None:
         self._batches += 1
+        self._reached = batch_idx + 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is None:
@@ -41,6 +45,7 @@ class RunReport(L.Callback):
         total = trainer.num_training_batches
         share = self._batches / total if isinstance(total, int) and total > 0 else 1.0
         self.epochs_trained += min(share, 1.0)
+        self._length = total if isinstance(total, int) else 0
         self._start = None
 
     @rank_zero_only
@@ -51,17 +56,22 @@ class RunReport(L.Callback):
         bad = next((cb.first_bad_step for cb in trainer.callbacks
                     if getattr(cb, "first_bad_step", None) is not None), None)
         picture = self._plot(trainer, metric, data, bad)
-        epochs = trainer.current_epoch
+        # a stop mid-epoch (max_steps, say) counts that epoch in current_epoch: it is
+        # named as the part it is
+        short = 0 < self._reached < self._length
+        epochs = trainer.current_epoch - 1 if short else trainer.current_epoch
+        done = f"{epochs} epoch{'' if epochs == 1 else 's'}" + (
+            f" and {self._reached} of the next one's {self._length} batches" if short else "")
         # only what was measured: a run without validation (limit_val_batches=0, or no
         # validation split) says so rather than printing val_mse=nan
         shown = [f"{name}={metrics[name]:.4f}" for name in (f"val_{metric}", "val_acc")
                  if name in metrics]
         timing = (f"{self.train_seconds / self.epochs_trained:.3f} s/epoch of training"
                   if self.epochs_trained > 0 else "no training in this process")
-        if 0 < self.epochs_trained < epochs:
+        if trainer.ckpt_path is not None and self.epochs_trained > 0:
             timing += f" over the {self.epochs_trained:.2f} epochs trained since the resume"
         print(
-            f"manual_grad: finished {epochs} epoch{'' if epochs == 1 else 's'}"
+            f"manual_grad: finished {done}"
             + (f" on {data}" if data else "") + ": "
             + (" ".join(shown) if shown else "no validation ran")
             + f" ({timing})"
