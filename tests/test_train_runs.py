@@ -150,6 +150,9 @@ def test_a_run_stopped_mid_epoch_says_how_far_it_got(tmp_path, capsys):
     main(["fit", *tiny(data), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     out = capsys.readouterr().out
     assert "manual_grad: finished 2 epochs:" in out and "since the resume" in out
+    main(["fit", *tiny(data), "--trainer.max_steps", "3", "--trainer.default_root_dir",
+          "first"])
+    assert "manual_grad: finished 3 of the first epoch's 5 batches:" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_resumed_logs_what_an_uninterrupted_one_logs(tmp_path, capsys):

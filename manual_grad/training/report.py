@@ -62,6 +62,8 @@ class RunReport(L.Callback):
         epochs = trainer.current_epoch - 1 if short else trainer.current_epoch
         done = f"{epochs} epoch{'' if epochs == 1 else 's'}" + (
             f" and {self._reached} of the next one's {self._length} batches" if short else "")
+        if short and epochs == 0:
+            done = f"{self._reached} of the first epoch's {self._length} batches"
         # only what was measured: a run without validation (limit_val_batches=0, or no
         # validation split) says so rather than printing val_mse=nan
         shown = [f"{name}={metrics[name]:.4f}" for name in (f"val_{metric}", "val_acc")
