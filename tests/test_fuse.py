@@ -40,6 +40,8 @@ LAYERS = {
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_compiled_formulas_match_torch_and_the_eager_ones(name, dtype, monkeypatch):
     make, shape, formulas = LAYERS[name]
+    for f in formulas:  # (this test's choices only: the assertion below is about them)
+        monkeypatch.setattr(f, "choices", {})
     torch.manual_seed(0)
     theirs = make().to(dtype)
     ours = manual_grad.convert(theirs).model
@@ -54,8 +56,8 @@ def test_compiled_formulas_match_torch_and_the_eager_ones(name, dtype, monkeypat
         out.backward(g)
         results[mode] = [out.detach(), xi.grad, *(p.grad.clone() for p in layer.parameters()),
                          *(b for b in layer.buffers() if b.is_floating_point())]
-    for f in formulas:  # the compiled forms ran
-        assert f.choices and f.eager not in f.choices.values(), f
+    for f in formulas:  # the compiled forms ran, for this dtype
+        assert [k[1] for k in f.choices] == [dtype] and f.eager not in f.choices.values(), f
     # float64: the same numbers to rounding; float32: to its precision relative to the
     # tensor's largest value (sums over 4,096 rows round differently in any order)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -75,6 +77,7 @@ def test_compiled_cross_entropy_gradient_matches_torch_and_the_scatter(shape, re
     z = torch.randn(shape, dtype=torch.float64)
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
     t.view(-1)[::7] = -100  # ignored
+    monkeypatch.setattr(losses._index_grad, "choices", {})  # (this test's alone)
     grads = {}
     for mode in ("never", "always"):
         monkeypatch.setattr(_fuse, "MODE", mode)
@@ -85,9 +88,51 @@ def test_compiled_cross_entropy_gradient_matches_torch_and_the_scatter(shape, re
     zt = z.clone().requires_grad_()
     out = nn.CrossEntropyLoss(reduction=reduction)(zt, t)
     out.backward(torch.ones_like(out) * 0.5)
-    assert losses._index_grad.choices  # the compiled form ran
+    runs = losses._index_grad.choices.values()
+    assert runs and losses._index_grad.eager not in runs  # the compiled form ran
     torch.testing.assert_close(grads["always"], grads["never"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads["always"], zt.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_compiled_group_and_batch_norm_take_every_affine_option_and_layout(affine,
+                                                                          channels_last,
+                                                                          monkeypatch):
+    """GroupNorm's compiled x s + t forward and sums backward, and BatchNorm's compiled
+    formulas, with a weight alone, a bias alone or neither (functional calls take them
+    apart; the modules only both or none) and on channels-last inputs, whose strides
+    are a signature of their own: against torch.nn.functional in float64."""
+    monkeypatch.setattr(_fuse, "MODE", "always")
+    formulas = (normalization._group_norm, normalization._group_norm_grads,
+                normalization._batch_norm_train, normalization._batch_norm_grads)
+    for f in formulas:  # (this test's choices only)
+        monkeypatch.setattr(f, "choices", {})
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 40, 40, dtype=torch.float64)  # 102,400 values
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, dtype=torch.float64) if affine in ("both", "weight") else None
+    b = torch.randn(16, dtype=torch.float64) if affine in ("both", "bias") else None
+    g = torch.cos(torch.arange(x.numel(), dtype=torch.float64)).view(x.shape)
+    for ours, theirs in ((lambda t, w, b: manual_grad.functional.group_norm(t, 4, w, b),
+                          lambda t, w, b: nn.functional.group_norm(t, 4, w, b)),
+                         (lambda t, w, b: manual_grad.functional.batch_norm(
+                             t, None, None, w, b, training=True),
+                          lambda t, w, b: nn.functional.batch_norm(
+                              t, None, None, w, b, training=True))):
+        got, want = [], []
+        for f, out in ((ours, got), (theirs, want)):
+            leaves = [a.clone().requires_grad_() for a in (x, w, b) if a is not None]
+            it = iter(leaves)
+            args = [next(it) if a is not None else None for a in (x, w, b)]
+            y = f(*args)
+            y.backward(g)
+            out += [y, *(a.grad for a in leaves)]
+        for a, c in zip(got, want, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    for f in formulas:  # compiled, not given up
+        assert f.choices and f.eager not in f.choices.values() and not f.failed, f
 
 
 def test_small_tensors_double_backward_and_tracing_keep_the_eager_formula(monkeypatch):

@@ -120,7 +120,7 @@ class Fusable:
                 if _capturing():
                     return self.eager(*args)
                 run = self.choices[key] = self._choose(t.device, args, key)
-        if run is self.eager:
+        if run is self.eager:  # (outside the try: an error of the eager form is the call's)
             return run(*args)
         try:
             return run(*args)
